@@ -1,0 +1,88 @@
+"""Compose the Hydra config: package defaults + a user's --config-dir + overrides."""
+
+import itertools
+import shlex
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from trainpipe.errors import ConfigError
+from trainpipe.schema import TASKS, check_dataset_config
+
+CONF_DIR = Path(__file__).parent / "conf"
+
+
+
+def _by_task(task: str, classification: str, regression: str) -> str:
+    """`${by_task:${dataset.task},Classifier,Regressor}`: one model file serves every task."""
+    if task not in TASKS:
+        raise ConfigError(f"dataset.task: {task!r} is not one of {', '.join(TASKS)}")
+    return regression if task == "regression" else classification
+
+
+OmegaConf.register_new_resolver("by_task", _by_task, replace=True)
+
+
+def split_overrides(args: list[str]) -> list[str]:
+    """One argument may hold several overrides ("model=lightgbm seed=3"), as `mlflow run`
+    passes its single `overrides` parameter."""
+    return [token for arg in args for token in shlex.split(arg)]
+
+
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """`-m` semantics: `seed=1,2 model=a,b` becomes the four override lists to run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = _parse(OverridesParser.create().parse_overrides, overrides)
+    choices = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [o.input_line]
+        for o in parsed
+    ]
+    return [list(combo) for combo in itertools.product(*choices)]
+
+
+def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
+    """The resolved config for one run; every error is a ConfigError naming the key."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    if config_dir is not None:
+        path = Path(config_dir).resolve()
+        if not path.is_dir():
+            raise ConfigError(f"--config-dir {config_dir}: no such folder")
+        overrides = [f"hydra.searchpath=[file://{path}]", *overrides]
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = _parse(lambda o: hydra_compose("config", overrides=o), overrides)
+    OmegaConf.set_struct(cfg, False)
+    try:
+        OmegaConf.resolve(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"config: {_hydra_message(exc)}") from None
+    check_dataset_config(cfg.dataset)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def _parse(fn, overrides):
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return fn(overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(_hydra_message(exc)) from None
+
+
+def _hydra_message(exc: Exception) -> str:
+    # Hydra appends its whole search path to "missing config" errors: keep the first lines.
+    text = str(exc).split("\nConfig search path")[0].strip()
+    if isinstance(exc.__cause__, ConfigError):
+        return str(exc.__cause__)
+    return text.replace("\n", " ") if text.count("\n") < 3 else text

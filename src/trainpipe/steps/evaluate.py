@@ -1,0 +1,110 @@
+"""evaluate: metrics on the validation and test splits, and plots of the test split."""
+
+import io
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from trainpipe.steps import Report
+
+
+def run(cfg: DictConfig, model, features: dict[str, pd.DataFrame]) -> tuple[dict, Report]:
+    task, target = cfg.dataset.task, cfg.dataset.target
+    estimator = model[-1]  # the features are already transformed in the feature zone
+    metrics, predictions = {}, {}
+    for split in ("val", "test"):
+        x, y = features[split].drop(columns=[target]), features[split][target]
+        pred, proba = _predict(estimator, x, task)
+        predictions[split] = (y, pred, proba)
+        scores = _metrics(task, y, pred, proba, classes=getattr(estimator, "classes_", None))
+        metrics |= {f"{split}_{k}": float(v) for k, v in scores.items()}
+    artifacts = _plots(task, estimator, *predictions["test"]) if cfg.evaluate.plots else {}
+    headline = {"binary": "test_roc_auc", "multiclass": "test_f1_score",
+                "regression": "test_root_mean_squared_error"}[task]
+    return {"metrics": metrics}, Report(
+        summary=f"{headline} {metrics[headline]:.4f}", metrics=metrics, artifacts=artifacts)
+
+
+def _predict(estimator, x, task):
+    if task == "regression":
+        return estimator.predict(x), None
+    proba = estimator.predict_proba(x)
+    labels = estimator.classes_[np.argmax(proba, axis=1)]
+    return labels, proba
+
+
+def _metrics(task: str, y, pred, proba, classes) -> dict[str, float]:
+    from sklearn import metrics as m
+
+    if task == "regression":
+        return {"root_mean_squared_error": m.root_mean_squared_error(y, pred),
+                "mean_absolute_error": m.mean_absolute_error(y, pred),
+                "r2_score": m.r2_score(y, pred)}
+    # The estimator's classes, not the split's: a small split may lack a rare class.
+    log_loss = m.log_loss(y, proba, labels=classes)
+    if task == "multiclass":
+        return {"accuracy_score": m.accuracy_score(y, pred),
+                "f1_score": m.f1_score(y, pred, average="macro"),
+                "log_loss": log_loss}
+    negative, positive = classes
+    tn, fp, fn, tp = m.confusion_matrix(y, pred, labels=[negative, positive]).ravel()
+    return {"roc_auc": m.roc_auc_score(y, proba[:, 1]),
+            "log_loss": log_loss,
+            "accuracy_score": m.accuracy_score(y, pred),
+            "precision": m.precision_score(y, pred, pos_label=positive, zero_division=0),
+            "recall": m.recall_score(y, pred, pos_label=positive, zero_division=0),
+            "f1_score": m.f1_score(y, pred, pos_label=positive, zero_division=0),
+            "tn": tn, "fp": fp, "fn": fn, "tp": tp}
+
+
+def _plots(task: str, estimator, y, pred, proba) -> dict[str, bytes]:
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    from sklearn import metrics as m
+
+    plots = {}
+
+    def draw(name, fn):
+        fig = Figure(figsize=(5, 4), layout="tight")
+        fn(fig.subplots())
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        plots[name] = buf.getvalue()
+
+    if task == "binary":
+        positive = estimator.classes_[1]
+        draw("roc_curve.png", lambda ax: m.RocCurveDisplay.from_predictions(
+            y, proba[:, 1], pos_label=positive, ax=ax))
+        draw("precision_recall_curve.png", lambda ax: m.PrecisionRecallDisplay.from_predictions(
+            y, proba[:, 1], pos_label=positive, ax=ax))
+    if task == "regression":
+        def residuals(ax):
+            ax.scatter(pred, np.asarray(y) - pred, s=4, alpha=0.4)
+            ax.axhline(0, color="grey")
+            ax.set(xlabel="predicted", ylabel="residual (actual - predicted)", title="Residuals")
+        draw("residuals.png", residuals)
+    else:
+        draw("confusion_matrix.png", lambda ax: m.ConfusionMatrixDisplay.from_predictions(
+            y, pred, ax=ax, colorbar=False))
+    importance = _importance(estimator)
+    if importance is not None:
+        def bars(ax):
+            top = importance.sort_values().tail(20)
+            ax.barh(top.index, top.to_numpy())
+            ax.set(title="Feature importance", xlabel="importance")
+            ax.tick_params(axis="y", labelsize=7)
+        draw("feature_importance.png", bars)
+    return plots
+
+
+def _importance(estimator) -> pd.Series | None:
+    names = getattr(estimator, "feature_names_in_", None)
+    if hasattr(estimator, "feature_importances_"):
+        values = np.asarray(estimator.feature_importances_, dtype=float)
+    elif hasattr(estimator, "coef_"):
+        values = np.abs(np.atleast_2d(estimator.coef_)).mean(axis=0)
+    else:
+        return None
+    if names is None:
+        names = [f"f{i}" for i in range(len(values))]
+    return pd.Series(values, index=list(names))

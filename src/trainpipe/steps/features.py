@@ -1,0 +1,74 @@
+"""features: a scikit-learn transformer built from the dataset config, fitted on the
+training split only, applied to every split.
+
+The transformer uses scikit-learn and pandas classes only, so the logged model
+needs nothing from trainpipe to load.
+"""
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from trainpipe.schema import feature_columns
+from trainpipe.steps import Report
+
+
+def build_transformer(cfg: DictConfig):
+    """Derived columns, then numeric (imputed, optionally scaled) and categorical
+    (ordinal or one-hot; unseen categories never crash prediction) columns."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline, make_pipeline
+    from sklearn.preprocessing import (
+        FunctionTransformer,
+        OneHotEncoder,
+        OrdinalEncoder,
+        StandardScaler,
+    )
+
+    dataset, prep = cfg.dataset, cfg.model.preprocessing
+    kinds = feature_columns(dataset)
+    derived = dict(dataset.get("derived") or {})
+    numeric = [c for c, k in kinds.items() if k == "numeric"] + list(derived)
+    categorical = [c for c, k in kinds.items() if k == "categorical"]
+
+    numeric_steps = [SimpleImputer(strategy="median", keep_empty_features=True)]
+    if prep.scale_numeric:
+        numeric_steps.append(StandardScaler())
+    if prep.categorical_encoding == "onehot":
+        encoder = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
+    else:
+        encoder = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1,
+                                 encoded_missing_value=-1)
+    columns = ColumnTransformer(
+        [("numeric", make_pipeline(*numeric_steps), numeric),
+         ("categorical", encoder, categorical)],
+        remainder="drop",  # the id, the target and dropped columns never become features
+        verbose_feature_names_out=False,
+    )
+    steps = []
+    if derived:
+        # DataFrame.eval keeps the model free of trainpipe code: "a = x + y" per line.
+        expr = "\n".join(f"{name} = {formula}" for name, formula in derived.items())
+        steps.append(("derive", FunctionTransformer(pd.DataFrame.eval, kw_args={"expr": expr})))
+    steps.append(("columns", columns))
+    return Pipeline(steps).set_output(transform="pandas")
+
+
+def run(cfg: DictConfig, splits: dict[str, pd.DataFrame]) -> tuple[dict, Report]:
+    target = cfg.dataset.target
+    # The model's inputs: raw feature columns only, so it never asks for the id or target.
+    inputs = list(feature_columns(cfg.dataset))
+    transformer = build_transformer(cfg)
+    transformer.fit(splits["train"][inputs], splits["train"][target])
+    features = {}
+    for name, df in splits.items():
+        x = transformer.transform(df[inputs])
+        x[target] = df[target].to_numpy()
+        features[name] = x
+    n_features = features["train"].shape[1] - 1
+    return {"transformer": transformer, "features": features}, Report(
+        summary=f"{n_features} features",
+        params={"n_features": n_features,
+                "categorical_encoding": cfg.model.preprocessing.categorical_encoding,
+                "scale_numeric": cfg.model.preprocessing.scale_numeric},
+    )

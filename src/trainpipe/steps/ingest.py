@@ -1,0 +1,59 @@
+"""ingest: read the raw training data (and scoring data) from any URL, with digests."""
+
+import io
+from dataclasses import dataclass
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from trainpipe.errors import DataValidationError
+from trainpipe.lake import Source, read_source
+from trainpipe.redaction import redact_uri
+from trainpipe.steps import Report
+
+
+@dataclass(frozen=True)
+class RawTable:
+    """A raw table and where it came from: the identity MLflow records as a dataset."""
+
+    df: pd.DataFrame
+    source: str  # redacted URL
+    digest: str  # sha256 of the file's bytes
+    format: str
+
+
+def run(cfg: DictConfig) -> tuple[dict, Report]:
+    raw = read_table(cfg.dataset.source)
+    outputs = {"raw": raw, "raw_scoring": None}
+    summary = f"{len(raw.df):,} rows x {raw.df.shape[1]} columns ({raw.format})"
+    params = {"source": raw.source, "source_digest": raw.digest, "rows": len(raw.df)}
+    if cfg.dataset.get("scoring_source"):
+        scoring = read_table(cfg.dataset.scoring_source)
+        outputs["raw_scoring"] = scoring
+        summary += f"; scoring {len(scoring.df):,} rows"
+        params |= {"scoring_source": scoring.source, "scoring_digest": scoring.digest,
+                   "scoring_rows": len(scoring.df)}
+    return outputs, Report(summary=summary, params=params)
+
+
+def read_table(url: str) -> RawTable:
+    source = read_source(url)
+    return RawTable(_parse(source), redact_uri(url), source.digest, source.format)
+
+
+def _parse(source: Source) -> pd.DataFrame:
+    name = redact_uri(source.url)
+    if source.format == "parquet":
+        return pd.read_parquet(io.BytesIO(source.data))
+    try:
+        return pd.read_csv(io.BytesIO(source.data), encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise DataValidationError(f"{name}: the file is empty") from None
+    except pd.errors.ParserError as exc:
+        raise DataValidationError(f"{name}: not a well-formed CSV file: {exc}") from None
+    except UnicodeDecodeError as exc:
+        line = source.data[: exc.start].count(b"\n") + 1
+        raise DataValidationError(
+            f"{name}: line {line}: bytes that are not UTF-8 ({exc.reason}); "
+            "save the file as UTF-8"
+        ) from None

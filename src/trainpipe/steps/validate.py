@@ -1,0 +1,175 @@
+"""validate: hold the raw data to its dataset's contract; publish only data that keeps it.
+
+Every row and column is checked (lazily, so all failures are reported at once). The
+report (JSON and Markdown, with per-column statistics) is recorded on success too.
+"""
+
+import json
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from trainpipe.errors import DataValidationError
+from trainpipe.schema import build_schema
+from trainpipe.steps import Report
+from trainpipe.steps.ingest import RawTable
+
+EXAMPLES = 5  # example failing values shown per column and check
+
+
+def run(cfg: DictConfig, raw: RawTable, raw_scoring: RawTable | None) -> tuple[dict, Report]:
+    dataset = cfg.dataset
+    tables = {"train": raw} | ({"scoring": raw_scoring} if raw_scoring is not None else {})
+    validated, failures, stats = {}, [], {}
+    for role, table in tables.items():
+        df, table_failures = _check(dataset, table, with_target=role == "train")
+        failures += table_failures
+        validated[role] = df
+        if df is not None:
+            stats[role] = column_stats(df, dataset)
+    report = {"dataset": dataset.name, "valid": not failures, "failures": failures,
+              "sources": {r: {"source": t.source, "digest": t.digest, "rows": len(t.df)}
+                          for r, t in tables.items()},
+              "statistics": stats}
+    artifacts = {"validation_report.json": json.dumps(report, indent=2, default=str).encode(),
+                 "validation_report.md": to_markdown(report).encode()}
+    if failures:
+        raise DataValidationError(to_terminal(failures), report=Report(artifacts=artifacts))
+    rows = len(validated["train"])
+    return (
+        {"validated": validated["train"], "scoring": validated.get("scoring")},
+        Report(summary=f"{rows:,} rows passed {len(dataset.columns)} column contracts",
+               metrics={"rows_valid": rows}, artifacts=artifacts),
+    )
+
+
+def _check(dataset: DictConfig, table: RawTable, with_target: bool):
+    """The validated frame (or None) and the list of failures, one per column and check."""
+    import pandera.errors as pe
+
+    df = table.df
+    source = table.source
+    if df.shape[0] == 0:
+        return None, [_failure(source, None, "not_empty", 0, [], "the file has no data rows")]
+    schema = build_schema(dataset, with_target=with_target)
+    if dataset.get("id_column") in schema.columns:
+        schema.columns[dataset.id_column].unique = True
+    try:
+        out = schema.validate(df, lazy=True)
+        failures = []
+    except pe.SchemaErrors as exc:
+        out, failures = None, _failures_from(source, exc.failure_cases)
+    if not with_target and dataset.target in df.columns:
+        failures = [f for f in failures if f["column"] != dataset.target] + [_failure(
+            source, dataset.target, "target_absent_in_scoring", len(df), [],
+            "scoring data must not contain the target column")]
+        out = None
+    failures += _beyond_schema(dataset, df, source, with_target)
+    return (out if not failures else None), failures
+
+
+def _beyond_schema(dataset: DictConfig, df: pd.DataFrame, source: str, with_target: bool):
+    failures = []
+    for col in df.columns.intersection(list(dataset.columns)):
+        if len(df) and df[col].isna().all():
+            failures.append(_failure(source, col, "not_all_null", len(df), [],
+                                     "every value is missing"))
+    target = dataset.target
+    if with_target and target in df.columns and df[target].notna().any():
+        distinct = df[target].nunique()
+        if dataset.task != "regression" and distinct < 2:
+            failures.append(_failure(source, target, "at_least_two_classes", len(df), [],
+                                     f"the target has a single class ({df[target].iloc[0]!r})"))
+        elif dataset.task == "regression" and distinct < 2:
+            failures.append(_failure(source, target, "not_constant", len(df), [],
+                                     "the target is constant"))
+    return failures
+
+
+def _failures_from(source: str, cases: pd.DataFrame) -> list[dict]:
+    failures = []
+    cases = cases.copy()
+    table_level = cases["schema_context"] == "DataFrameSchema"
+    # For table-level checks (missing / unexpected columns) the culprit is the value.
+    cases.loc[table_level, "column"] = cases.loc[table_level, "failure_case"].astype(str)
+    for (column, check), group in cases.groupby(["column", "check"], sort=False, dropna=False):
+        examples = [
+            {"row": None if pd.isna(i) else int(i), "value": _plain(v)}
+            for i, v in zip(group["index"].head(EXAMPLES), group["failure_case"].head(EXAMPLES),
+                            strict=True)
+        ]
+        failures.append(_failure(source, column, str(check), len(group), examples))
+    return failures
+
+
+def _failure(source, column, check, count, examples, message=None) -> dict:
+    return {"source": source, "column": column, "check": check, "rows": int(count),
+            "examples": examples, "message": message or _describe(check)}
+
+
+def _describe(check: str) -> str:
+    if check == "column_in_dataframe":
+        return "column is missing from the data"
+    if check == "column_in_schema":
+        return "column is not in the dataset config (strict: true)"
+    if check.startswith("coerce_dtype") or check.startswith("dtype"):
+        return f"values of the wrong type ({check})"
+    return check
+
+
+def _plain(value):
+    if isinstance(value, float) and pd.isna(value):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def to_terminal(failures: list[dict]) -> str:
+    lines = ["data validation failed:"]
+    for f in failures:
+        where = f"{f['column']}" if f["column"] is not None else "(table)"
+        examples = ", ".join(
+            f"row {e['row']}: {e['value']!r}" if e["row"] is not None else repr(e["value"])
+            for e in f["examples"]
+        )
+        lines.append(f"  {f['source']} · {where} · {f['message']} · {f['rows']:,} rows"
+                     + (f" · e.g. {examples}" if examples else ""))
+    return "\n".join(lines)
+
+
+def column_stats(df: pd.DataFrame, dataset: DictConfig) -> dict:
+    from trainpipe.schema import column_kind
+
+    stats = {}
+    for col in df.columns:
+        s = df[col]
+        entry = {"count": int(s.notna().sum()), "nulls": int(s.isna().sum())}
+        spec = dataset.columns.get(col)
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            entry |= {"min": _plain(s.min()), "max": _plain(s.max()), "mean": _plain(s.mean())}
+        if spec is not None and (column_kind(spec) == "categorical" or col == dataset.target):
+            entry["distinct"] = {str(k): int(v) for k, v in s.value_counts().head(50).items()}
+        stats[col] = entry
+    return stats
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"# Validation report: {report['dataset']}", "",
+             "**Result: " + ("passed" if report["valid"] else "FAILED") + "**", ""]
+    for role, src in report["sources"].items():
+        lines.append(f"- {role}: `{src['source']}` ({src['rows']:,} rows, sha256 "
+                     f"`{src['digest'][:12]}`)")
+    if report["failures"]:
+        lines += ["", "## Failures", "", "| source | column | check | rows | examples |",
+                  "|---|---|---|---|---|"]
+        for f in report["failures"]:
+            ex = "; ".join(f"row {e['row']}: {e['value']!r}" for e in f["examples"])
+            lines.append(f"| {f['source']} | {f['column']} | {f['message']} | {f['rows']} | "
+                         f"{ex} |")
+    for role, stats in report["statistics"].items():
+        lines += ["", f"## Column statistics ({role})", "",
+                  "| column | count | nulls | min | max | mean |", "|---|---|---|---|---|---|"]
+        for col, s in stats.items():
+            mean = s.get("mean")
+            lines.append(f"| {col} | {s['count']} | {s['nulls']} | {s.get('min', '')} | "
+                         f"{s.get('max', '')} | {'' if mean is None else f'{mean:.4g}'} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,230 @@
+"""MLflow wiring: one parent run per pipeline run, one child run per step.
+
+Runs always end in a true state: FINISHED on success, FAILED on an error, KILLED on
+Ctrl-C or SIGTERM. Everything written here passes through redaction first.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from omegaconf import DictConfig, OmegaConf
+
+import trainpipe
+from trainpipe.errors import Interrupted
+from trainpipe.redaction import redact_text, redact_uri
+from trainpipe.steps import Report
+
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+BATCH = 100  # MLflow's limit on params per log_batch
+PACKAGES = ("mlflow", "scikit-learn", "pandas", "numpy", "pyarrow", "cloudpickle", "lightgbm",
+            "pandera", "hydra-core")
+# What a logged model needs to load: the estimator's package is added to these.
+MODEL_REQUIREMENTS = ("mlflow", "scikit-learn", "pandas", "numpy", "cloudpickle")
+MODULE_PACKAGES = {"sklearn": "scikit-learn", "lightgbm": "lightgbm", "xgboost": "xgboost"}
+
+
+def quiet_mlflow() -> None:
+    """trainpipe reports for itself; MLflow's hints about int columns, pickle formats and
+    table creation would bury the summary."""
+    import logging
+    import warnings
+
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
+
+
+def normalise_uri(uri: str) -> str:
+    """SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; trainpipe ships psycopg2."""
+    if uri.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg2://" + uri.split("://", 1)[1]
+    return uri
+
+
+def ui_hint(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {redact_uri(uri)}"
+
+
+class Tracking:
+    def __init__(self, cfg: DictConfig):
+        self.uri = normalise_uri(str(cfg.tracking.uri))
+        self.experiment = str(cfg.tracking.experiment)
+        quiet_mlflow()
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+
+    @contextmanager
+    def pipeline_run(self, cfg: DictConfig, overrides: list[str],
+                     steps: list[str]) -> Iterator[str]:
+        """The parent run; under `mlflow run` it is the run MLflow already created."""
+        if not os.environ.get("MLFLOW_RUN_ID"):
+            mlflow.set_experiment(self.experiment)
+        tags = {"trainpipe.kind": "pipeline", "trainpipe.version": trainpipe.__version__,
+                "trainpipe.dataset": cfg.dataset.name, "trainpipe.model": cfg.model.name,
+                "trainpipe.steps": ",".join(steps),
+                "trainpipe.overrides": redact_text(" ".join(overrides))}
+        tags |= _git_tags()
+        with _ended_run(run_name=f"{cfg.dataset.name}-{cfg.model.name}", tags=tags) as run_id:
+            params = flat_params(cfg)
+            for i in range(0, len(params), BATCH):
+                self.client.log_batch(run_id, params=[Param(k, v) for k, v in params[i:i + BATCH]])
+            self._log_files(run_id, {
+                "config.yaml": OmegaConf.to_yaml(redact_config(cfg)).encode(),
+                "environment.json": json.dumps(_environment(), indent=2).encode()})
+            yield run_id
+
+    @contextmanager
+    def step_run(self, name: str) -> Iterator[str]:
+        with _ended_run(run_name=name, nested=True, tags={"trainpipe.step": name}) as run_id:
+            yield run_id
+
+    def record(self, run_id: str, report: Report) -> None:
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), 0, 0) for k, v in report.metrics.items()],
+            params=[Param(k, _param_value(v)) for k, v in report.params.items()],
+            tags=[RunTag(k, redact_text(str(v))) for k, v in report.tags.items()],
+            synchronous=True,
+        )
+        self._log_files(run_id, report.artifacts)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, redact_text(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0)
+                                               for k, v in metrics.items()])
+
+    def log_dataset(self, run_ids: list[str], df, *, name: str, source: str, digest: str,
+                    target: str | None, context: str) -> None:
+        import warnings
+
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
+            warnings.simplefilter("ignore")
+            dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:32],
+                                              targets=target if target in df else None)
+        entity = DatasetInput(dataset._to_mlflow_entity(),
+                              tags=[InputTag("mlflow.data.context", context)])
+        for run_id in run_ids:
+            self.client.log_inputs(run_id, datasets=[entity])
+
+    def log_model(self, model, example, estimator_module: str) -> str:
+        """Log the inference pipeline to the active (train) run; return its model URI."""
+        import mlflow.sklearn
+        from mlflow.models import infer_signature
+
+        packages = [*MODEL_REQUIREMENTS]
+        extra = MODULE_PACKAGES.get(estimator_module.split(".")[0])
+        if extra and extra not in packages:
+            packages.append(extra)
+        info = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, model.predict(example)),
+            input_example=example,
+            # Explicit requirements: inferring them re-imports the model (seconds).
+            pip_requirements=[f"{p}=={_version(p)}" for p in packages if _version(p)],
+            # cloudpickle: skops refuses tree models without a trusted-types list, and is slower.
+            serialization_format="cloudpickle",
+        )
+        return info.model_uri
+
+    def _log_files(self, run_id: str, files: dict[str, bytes]) -> None:
+        if not files:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in files.items():
+                (Path(tmp) / name).write_bytes(content)
+            self.client.log_artifacts(run_id, tmp)
+
+
+@contextmanager
+def _ended_run(**start_kwargs: Any) -> Iterator[str]:
+    """Start (or resume) a run and end it FINISHED, FAILED or KILLED, whatever happens."""
+    run = mlflow.start_run(**start_kwargs)
+    try:
+        yield run.info.run_id
+    except (KeyboardInterrupt, Interrupted):
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def flat_params(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The resolved config as dotted params; column specs stay in config.yaml (too many)."""
+    container = OmegaConf.to_container(redact_config(cfg), resolve=True)
+    container["dataset"].pop("columns", None)
+    out: list[tuple[str, str]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out.append((prefix[:250], _param_value(value)))
+
+    walk("", container)
+    return out
+
+
+def redact_config(cfg: DictConfig) -> DictConfig:
+    container = OmegaConf.to_container(cfg, resolve=True)
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return redact_uri(value) if isinstance(value, str) else value
+
+    return OmegaConf.create(walk(container))
+
+
+def _param_value(value: Any) -> str:
+    return redact_text(str(value))[:MAX_PARAM_LENGTH]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _environment() -> dict:
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "packages": {p: _version(p) for p in PACKAGES}}
+
+
+def _git_tags() -> dict[str, str]:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"mlflow.source.git.commit": commit, "trainpipe.git_commit": commit,
+            "trainpipe.git_dirty": str(dirty).lower()}
