@@ -12,6 +12,7 @@ written last. Readers trust only files named in a manifest.
 import hashlib
 import io
 import json
+import os
 import posixpath
 import time
 import uuid
@@ -71,6 +72,13 @@ def _detect_format(url: str, data: bytes) -> str:
     if name.endswith((".csv", ".txt", ".tsv")) or b"\0" not in data[:4096]:
         return "csv"
     raise SourceError(f"{redact_uri(url)}: neither CSV nor Parquet")
+
+
+def absolute(url: str) -> str:
+    """Local paths made absolute (so records say where the data really was); URLs as is."""
+    if "://" in url:
+        return url
+    return os.path.abspath(url)
 
 
 def exists(url: str) -> bool:

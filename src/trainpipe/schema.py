@@ -34,6 +34,11 @@ def check_dataset_config(dataset: DictConfig) -> None:
                               f"allowed: {sorted(COLUMN_KEYS)}")
         if spec.get("type") not in TYPES:
             raise ConfigError(f"{where}: {key}.type {spec.get('type')!r} is not one of {TYPES}")
+        values = spec.get("values")
+        if spec.type == "str" and values is not None and any(isinstance(v, bool)
+                                                             for v in values):
+            raise ConfigError(f"{where}: {key}.values holds a boolean: YAML reads yes/no/"
+                              "true/false/on/off as booleans; quote them, e.g. ['yes', 'no']")
         if spec.get("kind") is not None and spec.kind not in KINDS:
             raise ConfigError(f"{where}: {key}.kind {spec.kind!r} is not one of {KINDS}")
     for key in ("target", "id_column"):

@@ -7,7 +7,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from trainpipe.errors import DataValidationError
-from trainpipe.lake import Source, read_source
+from trainpipe.lake import Source, absolute, read_source
 from trainpipe.redaction import redact_uri
 from trainpipe.steps import Report
 
@@ -38,7 +38,7 @@ def run(cfg: DictConfig) -> tuple[dict, Report]:
 
 def read_table(url: str) -> RawTable:
     source = read_source(url)
-    return RawTable(_parse(source), redact_uri(url), source.digest, source.format)
+    return RawTable(_parse(source), redact_uri(absolute(url)), source.digest, source.format)
 
 
 def _parse(source: Source) -> pd.DataFrame:

@@ -1,0 +1,114 @@
+"""Shared fixtures: a scratch working folder, small data for each task, and a helper that
+runs the real `trainpipe` command in a subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import DictConfig
+
+from trainpipe import config, demo
+
+REPO = Path(__file__).resolve().parents[1]
+HOTEL = REPO.parent / "shared" / "datasets" / "hotel_bookings"
+FAST = ["model.params.n_estimators=20"]  # small forests keep end-to-end tests quick
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """An empty working folder: ./lake and ./mlflow.db are created inside it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def demo_lake(workdir) -> Path:
+    """A lake whose raw zone holds 3,000 demo hotel rows at the default source."""
+    raw = workdir / "lake" / "raw" / "hotel_bookings"
+    raw.mkdir(parents=True)
+    demo.hotel_bookings(rows=3000, seed=1).to_csv(raw / "train.csv", index=False)
+    return workdir
+
+
+def trainpipe(*args: str, cwd: Path, env: dict | None = None, timeout: float = 240,
+              **kwargs) -> subprocess.CompletedProcess:
+    """Run the real command line, as a user would."""
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    full_env |= {"COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "trainpipe", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def runs(workdir: Path, experiment: str = "trainpipe") -> pd.DataFrame:
+    """Every run in the working folder's embedded store."""
+    client_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(client_uri)
+    return mlflow.search_runs(experiment_names=[experiment], max_results=1000)
+
+
+def compose(*overrides: str, config_dir: Path | None = None) -> DictConfig:
+    return config.compose(list(overrides), str(config_dir) if config_dir else None)
+
+
+def task_table(task: str, rows: int = 600, seed: int = 0) -> pd.DataFrame:
+    """A small table with a string category, a nullable float and a learnable target."""
+    rng = np.random.default_rng(seed)
+    x1 = rng.normal(0, 1, rows)
+    x2 = rng.integers(0, 50, rows)
+    colour = rng.choice(["red", "green", "blue"], rows)
+    weight = np.where(rng.random(rows) < 0.1, np.nan, rng.normal(10, 2, rows))
+    signal = x1 + 0.05 * x2 + (colour == "red")
+    df = pd.DataFrame({"key": np.arange(rows), "x1": x1, "x2": x2, "colour": colour,
+                       "weight": weight, "notes": ["free text"] * rows})
+    if task == "binary":
+        df["label"] = np.where(signal > np.median(signal), "yes", "no")
+    elif task == "multiclass":
+        df["label"] = np.select([signal < 0.8, signal < 2.2], ["low", "mid"], "high")
+    else:
+        df["label"] = 3 * signal + rng.normal(0, 0.1, rows)
+    return df
+
+
+def task_dataset_yaml(task: str, source: Path) -> str:
+    label = ("{type: float}" if task == "regression"
+             else "{type: str, values: [low, mid, high, 'yes', 'no']}")
+    return f"""\
+name: toy_{task}
+source: {source}
+task: {task}
+target: label
+id_column: key
+columns:
+  key:    {{type: int, min: 0}}
+  x1:     {{type: float}}
+  x2:     {{type: int, min: 0, max: 49}}
+  colour: {{type: str, values: [red, green, blue]}}
+  weight: {{type: float, nullable: true}}
+  notes:  {{type: str, kind: drop}}
+  label:  {label}
+derived:
+  x1_times_x2: x1 * x2
+"""
+
+
+@pytest.fixture
+def task_config(workdir):
+    """Make a dataset YAML (in a user config dir) and its CSV for a task; return the dir."""
+
+    def make(task: str) -> Path:
+        conf = workdir / "conf" / "dataset"
+        conf.mkdir(parents=True, exist_ok=True)
+        source = workdir / f"{task}.csv"
+        task_table(task).to_csv(source, index=False)
+        (conf / f"toy_{task}.yaml").write_text(task_dataset_yaml(task, source))
+        return workdir / "conf"
+
+    return make

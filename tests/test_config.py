@@ -1,0 +1,56 @@
+import pytest
+
+from tests.conftest import compose
+from trainpipe.config import expand_sweeps, split_overrides
+from trainpipe.errors import ConfigError
+
+
+def test_defaults_compose_to_the_hotel_forest(workdir):
+    cfg = compose()
+    assert cfg.dataset.name == "hotel_bookings"
+    assert cfg.model._target_ == "sklearn.ensemble.RandomForestClassifier"
+    assert cfg.model.params.n_estimators == 200 and cfg.model.params.max_depth == 15
+    assert cfg.dataset.source == "./lake/raw/hotel_bookings/train.csv"
+    assert cfg.tracking.uri == "sqlite:///mlflow.db"
+    assert len(cfg.dataset.columns) == 19
+
+
+def test_overrides_and_seed_reach_the_estimator():
+    cfg = compose("model=lightgbm", "seed=7", "lake.root=s3://b/lake")
+    assert cfg.model._target_ == "lightgbm.LGBMClassifier"
+    assert cfg.model.params.random_state == 7
+    assert cfg.dataset.source == "s3://b/lake/raw/hotel_bookings/train.csv"
+
+
+def test_model_follows_the_task(task_config):
+    cfg = compose("dataset=toy_regression", config_dir=task_config("regression"))
+    assert cfg.model._target_ == "sklearn.ensemble.RandomForestRegressor"
+
+
+def test_unknown_group_option_is_a_config_error():
+    with pytest.raises(ConfigError, match="dataset"):
+        compose("dataset=nope")
+
+
+def test_unknown_key_is_a_config_error():
+    with pytest.raises(ConfigError, match="no_such_key"):
+        compose("no_such_key=1")
+
+
+def test_overrides_split_like_mlflow_run_passes_them():
+    assert split_overrides(["model=lightgbm seed=3", "", "x='a b'"]) == [
+        "model=lightgbm", "seed=3", "x=a b"]
+
+
+def test_sweeps_expand_to_the_product():
+    jobs = expand_sweeps(["seed=1,2", "model=random_forest,lightgbm", "split.val_size=0.2"])
+    assert len(jobs) == 4
+    assert ["seed=1", "model=lightgbm", "split.val_size=0.2"] in jobs
+
+
+def test_unquoted_yes_no_in_a_str_column_is_explained(task_config, tmp_path):
+    conf = task_config("binary")
+    path = conf / "dataset" / "toy_binary.yaml"
+    path.write_text(path.read_text().replace("'yes', 'no'", "yes, no"))
+    with pytest.raises(ConfigError, match=r"dataset.columns.label.values.*quote them"):
+        compose("dataset=toy_binary", config_dir=conf)

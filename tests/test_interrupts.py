@@ -1,0 +1,58 @@
+"""A run that fails or is interrupted ends FAILED or KILLED, never RUNNING or FINISHED."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import runs, trainpipe
+from trainpipe import demo
+
+
+def statuses(workdir) -> dict[str, str]:
+    df = runs(workdir)
+    name = df["tags.trainpipe.step"].fillna("pipeline")
+    return dict(zip(name, df["status"], strict=True))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_train_ends_runs_killed(workdir, sig):
+    raw = workdir / "lake/raw/hotel_bookings"
+    raw.mkdir(parents=True)
+    demo.hotel_bookings(rows=20000, seed=1).to_csv(raw / "train.csv", index=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainpipe", "run", "model.params.n_estimators=3000",
+         "model.params.n_jobs=1"],
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:  # wait until training is under way
+        if "▶ train" in line:
+            break
+        assert time.monotonic() < deadline
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert statuses(workdir) == {"pipeline": "KILLED", "train": "KILLED", "ingest": "FINISHED",
+                                 "validate": "FINISHED", "split": "FINISHED",
+                                 "features": "FINISHED"}
+
+
+def test_an_error_in_a_step_ends_runs_failed(demo_lake):
+    result = trainpipe("run", "model.params.max_depth=-5", cwd=demo_lake)
+    assert result.returncode == 1
+    assert "max_depth" in result.stderr  # scikit-learn's own message reaches the user
+    got = statuses(demo_lake)
+    assert got["pipeline"] == "FAILED" and got["train"] == "FAILED"
+    assert "evaluate" not in got
+    assert "RUNNING" not in got.values()
+
+
+def test_a_bad_model_param_is_a_config_error(demo_lake):
+    result = trainpipe("run", "+model.params.no_such_param=1", cwd=demo_lake)
+    assert result.returncode == 2
+    assert "model.params" in result.stderr and "no_such_param" in result.stderr
+    assert statuses(demo_lake)["train"] == "FAILED"

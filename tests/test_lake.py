@@ -1,0 +1,37 @@
+import pandas as pd
+import pytest
+
+from trainpipe.errors import SourceError
+from trainpipe.lake import Lake, read_source, to_parquet_bytes
+
+
+def test_publish_writes_files_then_manifest(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    df = pd.DataFrame({"a": [1, 2]})
+    manifest = lake.publish("landing/x", {"t.parquet": to_parquet_bytes(df)}, run_id="r1")
+    assert manifest["run_id"] == "r1"
+    assert set(manifest["files"]) == {"t.parquet"}
+    pd.testing.assert_frame_equal(lake.read_parquet("landing/x", "t.parquet"), df)
+    # no temporary files are left behind
+    assert sorted(p.name for p in (tmp_path / "lake/landing/x").iterdir()) == [
+        "manifest.json", "t.parquet"]
+
+
+def test_a_file_without_manifest_does_not_exist_for_readers(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    (tmp_path / "lake/features/x").mkdir(parents=True)
+    (tmp_path / "lake/features/x/train.parquet").write_bytes(b"half written")
+    with pytest.raises(SourceError, match="not published yet"):
+        lake.read("features/x", "train.parquet")
+
+
+def test_missing_source_names_the_url(tmp_path):
+    with pytest.raises(SourceError, match=r"nothere\.csv: no such file"):
+        read_source(str(tmp_path / "nothere.csv"))
+
+
+def test_format_is_detected_by_content(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(to_parquet_bytes(pd.DataFrame({"a": [1]})))
+    assert read_source(str(path)).format == "parquet"
+    assert len(read_source(str(path)).digest) == 64

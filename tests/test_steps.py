@@ -1,0 +1,144 @@
+"""Each step is a plain function: values in, values and a Report out."""
+
+import numpy as np
+import pytest
+
+from tests.conftest import FAST, compose, task_table
+from trainpipe import demo
+from trainpipe.errors import DataValidationError
+from trainpipe.steps import evaluate, features, ingest, split, train, validate
+
+
+@pytest.fixture
+def hotel(tmp_path):
+    path = tmp_path / "train.csv"
+    demo.hotel_bookings(rows=2000, seed=3).to_csv(path, index=False)
+    cfg = compose(f"dataset.source={path}", *FAST)
+    return cfg
+
+
+def run_through(cfg, last: str):
+    """Run the steps in order up to `last`, passing values along as the pipeline does."""
+    values: dict = {}
+    order = [("ingest", ingest.run, ()), ("validate", validate.run, ("raw", "raw_scoring")),
+             ("split", split.run, ("validated",)), ("features", features.run, ("splits",)),
+             ("train", train.run, ("splits", "transformer", "features")),
+             ("evaluate", evaluate.run, ("model", "features"))]
+    for name, fn, inputs in order:
+        outputs, report = fn(cfg, **{k: values[k] for k in inputs})
+        values |= outputs
+        if name == last:
+            return values, report
+    raise AssertionError(last)
+
+
+def test_ingest_reads_and_digests(hotel):
+    values, report = run_through(hotel, "ingest")
+    assert len(values["raw"].df) == 2000
+    assert len(values["raw"].digest) == 64
+    assert report.params["rows"] == 2000
+
+
+def test_validate_passes_good_data_with_a_report(hotel):
+    values, report = run_through(hotel, "validate")
+    assert len(values["validated"]) == 2000
+    assert {"validation_report.json", "validation_report.md"} <= set(report.artifacts)
+
+
+def test_validate_rejects_bad_data_naming_column_and_rows(hotel, tmp_path):
+    df = demo.hotel_bookings(rows=500, seed=3)
+    df.loc[[7, 9], "no_of_adults"] = 99
+    bad = tmp_path / "bad.csv"
+    df.to_csv(bad, index=False)
+    cfg = compose(f"dataset.source={bad}")
+    with pytest.raises(DataValidationError) as info:
+        run_through(cfg, "validate")
+    message = str(info.value)
+    assert "no_of_adults" in message and "less_than_or_equal_to(10)" in message
+    assert "2 rows" in message and "row 7: 99" in message
+    assert info.value.report.artifacts["validation_report.json"]
+
+
+def test_split_is_seeded_stratified_and_sized(hotel):
+    values, _ = run_through(hotel, "split")
+    splits = values["splits"]
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [1400, 300, 300]
+    rates = [splits[s]["booking_status"].mean() for s in ("train", "val", "test")]
+    assert max(rates) - min(rates) < 0.01  # stratified
+    again, _ = run_through(hotel, "split")
+    assert list(again["splits"]["test"]["id"]) == list(splits["test"]["id"])
+
+
+def test_features_fit_on_train_only_and_drop_id_and_target(hotel):
+    values, _ = run_through(hotel, "features")
+    x = values["features"]["train"]
+    assert "id" not in x and "total_nights" in x and "booking_status" in x
+    assert list(values["transformer"].feature_names_in_) == [
+        c for c in values["splits"]["train"].columns if c not in ("id", "booking_status")]
+
+
+def test_train_returns_an_inference_pipeline_on_raw_rows(hotel):
+    values, report = run_through(hotel, "train")
+    raw = values["splits"]["test"].drop(columns=["booking_status"])
+    assert set(values["model"].predict(raw)) <= {0, 1}
+    assert report.params["n_estimators"] == 20
+
+
+def test_unseen_categories_do_not_crash_prediction(hotel):
+    values, _ = run_through(hotel, "train")
+    raw = values["splits"]["test"].drop(columns=["booking_status"]).head(3).copy()
+    raw["room_type_reserved"] = 42
+    assert len(values["model"].predict(raw)) == 3
+
+
+def test_evaluate_binary_metrics_and_plots(hotel):
+    values, report = run_through(hotel, "evaluate")
+    for split_name in ("val", "test"):
+        for name in ("roc_auc", "log_loss", "accuracy_score", "precision", "recall",
+                     "f1_score", "tn", "fp", "fn", "tp"):
+            assert f"{split_name}_{name}" in report.metrics
+    assert report.metrics["test_roc_auc"] > 0.7  # the demo target is learnable
+    assert report.metrics["test_tn"] + report.metrics["test_fp"] + report.metrics[
+        "test_fn"] + report.metrics["test_tp"] == 300
+    assert {"roc_curve.png", "precision_recall_curve.png", "confusion_matrix.png",
+            "feature_importance.png"} <= set(report.artifacts)
+    assert all(png[:4] == b"\x89PNG" for png in report.artifacts.values())
+
+
+@pytest.mark.parametrize("task,metrics,plots", [
+    ("multiclass", ["accuracy_score", "f1_score", "log_loss"], ["confusion_matrix.png"]),
+    ("regression", ["root_mean_squared_error", "mean_absolute_error", "r2_score"],
+     ["residuals.png"]),
+])
+def test_evaluate_other_tasks(task, metrics, plots, task_config):
+    conf = task_config(task)
+    for model in ("random_forest", "lightgbm", "logistic_regression"):
+        cfg = compose(f"dataset=toy_{task}", f"model={model}", config_dir=conf)
+        _, report = run_through(cfg, "evaluate")
+        assert {f"test_{m}" for m in metrics} <= set(report.metrics)
+        assert set(plots) <= set(report.artifacts)
+    if task == "regression":
+        assert report.metrics["test_r2_score"] > 0.8
+
+
+def test_demo_data_has_the_real_columns_and_ranges():
+    import pandas as pd
+
+    from tests.conftest import HOTEL
+
+    if not (HOTEL / "train.csv").exists():
+        pytest.skip("shared hotel data not present")
+    real = pd.read_csv(HOTEL / "train.csv")
+    fake = demo.hotel_bookings(rows=5000)
+    assert list(fake.columns) == list(real.columns)
+    for col in real.columns:
+        if col == "id":
+            continue
+        assert fake[col].min() >= real[col].min() and fake[col].max() <= real[col].max(), col
+    assert 0.25 < fake["booking_status"].mean() < 0.5
+
+
+def test_toy_table_is_what_task_tests_expect():
+    df = task_table("multiclass")
+    assert set(df["label"]) == {"low", "mid", "high"}
+    assert np.isnan(df["weight"]).any()

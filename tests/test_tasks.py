@@ -1,0 +1,25 @@
+"""Binary, multiclass and regression datasets train end to end from one YAML file each."""
+
+import mlflow
+import pytest
+
+from tests.conftest import runs, task_table, trainpipe
+
+
+@pytest.mark.parametrize("task,metric,floor", [
+    ("binary", "test_roc_auc", 0.8),
+    ("multiclass", "test_f1_score", 0.5),
+    ("regression", "test_r2_score", 0.8),
+])
+def test_each_task_end_to_end(task_config, task, metric, floor):
+    conf = task_config(task)
+    workdir = conf.parent
+    result = trainpipe("run", "--config-dir", str(conf), f"dataset=toy_{task}",
+                       "model=lightgbm", "model.params.n_estimators=50", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    parent = runs(workdir).query("`tags.trainpipe.kind` == 'pipeline'").iloc[0]
+    assert parent[f"metrics.{metric}"] > floor
+    model = mlflow.pyfunc.load_model(parent["tags.trainpipe.model_uri"])
+    rows = task_table(task, rows=5, seed=11).drop(columns=["label"])
+    rows.loc[0, "colour"] = "purple"  # unseen category
+    assert len(model.predict(rows)) == 5
