@@ -57,7 +57,7 @@ def run(cfg: DictConfig, overrides: list[str], only: str | None = None,
         on_notice: Callable[[str], None] = lambda m: None) -> RunResult:
     """Run every step (or `only` one, reading its inputs from the lake). Never raises:
     the error, if any, is in the result, and every MLflow run has already ended."""
-    from trainpipe.tracking import Tracking
+    from trainpipe.tracking import Tracking, warm_up
 
     steps = [s for s in STEPS if only in (None, s.name)]
     result = RunResult([StepResult(s.name) for s in steps])
@@ -66,6 +66,7 @@ def run(cfg: DictConfig, overrides: list[str], only: str | None = None,
             if only in (None, "ingest"):
                 _ensure_demo_data(cfg, on_notice)
             tracking = Tracking(cfg)
+            warm_up()
             catalog = Catalog(cfg, lake.Lake(cfg.lake.root), tracking)
             with tracking.pipeline_run(cfg, overrides, [s.name for s in steps]) as parent:
                 result.run_id = parent

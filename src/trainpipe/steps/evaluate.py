@@ -59,41 +59,68 @@ def _metrics(task: str, y, pred, proba, classes) -> dict[str, float]:
 
 
 def _plots(task: str, estimator, y, pred, proba) -> dict[str, bytes]:
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    """PNG plots drawn straight on matplotlib Figures (no pyplot, no global state)."""
+    from matplotlib.figure import Figure
     from sklearn import metrics as m
 
     plots = {}
 
-    def draw(name, fn):
-        fig = Figure(figsize=(5, 4), layout="tight")
+    def draw(name, fn, size=(4.5, 3.6)):
+        fig = Figure(figsize=size, layout="tight")
         fn(fig.subplots())
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=80)
+        fig.savefig(buf, format="png", dpi=72)
         plots[name] = buf.getvalue()
 
     if task == "binary":
         positive = estimator.classes_[1]
-        draw("roc_curve.png", lambda ax: m.RocCurveDisplay.from_predictions(
-            y, proba[:, 1], pos_label=positive, ax=ax))
-        draw("precision_recall_curve.png", lambda ax: m.PrecisionRecallDisplay.from_predictions(
-            y, proba[:, 1], pos_label=positive, ax=ax))
+        fpr, tpr, _ = m.roc_curve(y, proba[:, 1], pos_label=positive)
+        precision, recall, _ = m.precision_recall_curve(y, proba[:, 1], pos_label=positive)
+        auc = m.auc(fpr, tpr)
+
+        def roc(ax):
+            ax.plot(fpr, tpr, label=f"AUC {auc:.3f}")
+            ax.plot([0, 1], [0, 1], ls=":", color="grey")
+            ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+            ax.legend(loc="lower right")
+
+        def pr(ax):
+            ax.plot(recall, precision)
+            ax.set(xlabel="recall", ylabel="precision", title="Precision-recall")
+
+        draw("roc_curve.png", roc)
+        draw("precision_recall_curve.png", pr)
     if task == "regression":
         def residuals(ax):
             ax.scatter(pred, np.asarray(y) - pred, s=4, alpha=0.4)
             ax.axhline(0, color="grey")
-            ax.set(xlabel="predicted", ylabel="residual (actual - predicted)", title="Residuals")
+            ax.set(xlabel="predicted", ylabel="actual - predicted", title="Residuals")
+
         draw("residuals.png", residuals)
     else:
-        draw("confusion_matrix.png", lambda ax: m.ConfusionMatrixDisplay.from_predictions(
-            y, pred, ax=ax, colorbar=False))
+        labels = estimator.classes_
+        matrix = m.confusion_matrix(y, pred, labels=labels)
+
+        def confusion(ax):
+            ax.imshow(matrix, cmap="Blues")
+            ticks = range(len(labels))
+            ax.set(xticks=ticks, yticks=ticks, xticklabels=labels, yticklabels=labels,
+                   xlabel="predicted", ylabel="actual", title="Confusion matrix")
+            for (i, j), count in np.ndenumerate(matrix):
+                ax.text(j, i, str(count), ha="center", va="center",
+                        color="white" if count > matrix.max() / 2 else "black")
+
+        draw("confusion_matrix.png", confusion)
     importance = _importance(estimator)
     if importance is not None:
+        top = importance.sort_values().tail(20)
+
         def bars(ax):
-            top = importance.sort_values().tail(20)
             ax.barh(top.index, top.to_numpy())
             ax.set(title="Feature importance", xlabel="importance")
             ax.tick_params(axis="y", labelsize=7)
-        draw("feature_importance.png", bars)
+
+        draw("feature_importance.png", bars, size=(5, 4.5))
     return plots
 
 
