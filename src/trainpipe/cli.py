@@ -137,7 +137,10 @@ def _report_error(exc: BaseException, verbose: bool) -> int:
     code = exc.exit_code if isinstance(exc, TrainpipeError) else 1
     kind = {2: "error", 3: "invalid data"}.get(code, "failed")
     err.print(f"[red bold]{kind}[/]: ", end="")
-    err.print(redact_text(str(exc)), markup=False, highlight=False)
+    # soft_wrap: paths and values stay whole, to copy and to grep
+    err.print(redact_text(str(exc)), markup=False, highlight=False, soft_wrap=True)
+    for note in getattr(exc, "__notes__", []):
+        err.print(redact_text(note), markup=False, highlight=False, soft_wrap=True)
     return code
 
 

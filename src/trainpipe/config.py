@@ -63,7 +63,15 @@ def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
     except Exception as exc:
         raise ConfigError(f"config: {_hydra_message(exc)}") from None
     check_dataset_config(cfg.dataset)
+    _check_split(cfg.split)
     return cfg
+
+
+def _check_split(split: DictConfig) -> None:
+    val, test = float(split.val_size), float(split.test_size)
+    if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
+        raise ConfigError(f"split.val_size={val}, split.test_size={test}: each must be in "
+                          "(0, 1) and together less than 1")
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -71,11 +79,14 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def _parse(fn, overrides):
+    import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         return fn(overrides)
+    except yaml.YAMLError as exc:  # names the file, line and column
+        raise ConfigError(f"invalid YAML: {' '.join(str(exc).split())}") from None
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(_hydra_message(exc)) from None
 

@@ -96,6 +96,8 @@ def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: C
             except Exception as exc:
                 if getattr(exc, "report", None) is not None:  # e.g. the validation report
                     tracking.record(run_id, exc.report)
+                    where = tracking.artifact_uri(run_id)
+                    exc.add_note(f"full report: {where}/" + ", ".join(exc.report.artifacts))
                 raise
             tags = catalog.save(outputs, run_id, parent)
             tracking.record(run_id, report)

@@ -102,6 +102,9 @@ class Tracking:
         )
         self._log_files(run_id, report.artifacts)
 
+    def artifact_uri(self, run_id: str) -> str:
+        return redact_uri(self.client.get_run(run_id).info.artifact_uri)
+
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, redact_text(v)) for k, v in tags.items()])
 

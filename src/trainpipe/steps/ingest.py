@@ -1,12 +1,13 @@
 """ingest: read the raw training data (and scoring data) from any URL, with digests."""
 
 import io
+import re
 from dataclasses import dataclass
 
 import pandas as pd
 from omegaconf import DictConfig
 
-from trainpipe.errors import DataValidationError
+from trainpipe.errors import DataValidationError, SourceError
 from trainpipe.lake import Source, absolute, read_source
 from trainpipe.redaction import redact_uri
 from trainpipe.steps import Report
@@ -42,18 +43,38 @@ def read_table(url: str) -> RawTable:
 
 
 def _parse(source: Source) -> pd.DataFrame:
-    name = redact_uri(source.url)
+    name = redact_uri(absolute(source.url))
     if source.format == "parquet":
-        return pd.read_parquet(io.BytesIO(source.data))
+        try:
+            return pd.read_parquet(io.BytesIO(source.data))
+        except Exception as exc:  # a truncated or corrupt file
+            raise SourceError(f"{name}: not a readable Parquet file ({exc})") from None
     try:
-        return pd.read_csv(io.BytesIO(source.data), encoding="utf-8")
+        # utf-8-sig: a byte-order mark must not become part of the first column's name.
+        df = pd.read_csv(io.BytesIO(source.data), encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise DataValidationError(f"{name}: the file is empty") from None
     except pd.errors.ParserError as exc:
-        raise DataValidationError(f"{name}: not a well-formed CSV file: {exc}") from None
+        raise DataValidationError(f"{name}: not a well-formed CSV file: {_ragged(exc)}") from None
     except UnicodeDecodeError as exc:
         line = source.data[: exc.start].count(b"\n") + 1
         raise DataValidationError(
             f"{name}: line {line}: bytes that are not UTF-8 ({exc.reason}); "
             "save the file as UTF-8"
         ) from None
+    if df.shape[1] == 1:
+        header = str(df.columns[0])
+        for sep in (";", "\t", "|"):
+            if sep in header:
+                raise DataValidationError(
+                    f"{name}: line 1 has no commas but {header.count(sep)} {sep!r}: the file "
+                    f"seems to be {sep!r}-delimited; trainpipe reads comma-separated CSV")
+    return df
+
+
+def _ragged(exc: Exception) -> str:
+    match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+    if not match:
+        return str(exc).strip()
+    expected, line, seen = match.groups()
+    return f"line {line} has {seen} fields, the header has {expected}"

@@ -3,7 +3,6 @@
 import pandas as pd
 from omegaconf import DictConfig
 
-from trainpipe.errors import ConfigError
 from trainpipe.steps import Report
 
 SPLITS = ("train", "val", "test")
@@ -13,9 +12,6 @@ def run(cfg: DictConfig, validated: pd.DataFrame) -> tuple[dict, Report]:
     from sklearn.model_selection import train_test_split
 
     val_size, test_size = float(cfg.split.val_size), float(cfg.split.test_size)
-    if not (0 < val_size < 1 and 0 < test_size < 1 and val_size + test_size < 1):
-        raise ConfigError(f"split.val_size={val_size}, split.test_size={test_size}: each must "
-                          "be in (0, 1) and together less than 1")
     target = cfg.dataset.target
     classify = cfg.dataset.task != "regression"
     rest, test = train_test_split(validated, test_size=test_size, random_state=cfg.seed,

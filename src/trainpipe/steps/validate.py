@@ -6,6 +6,7 @@ report (JSON and Markdown, with per-column statistics) is recorded on success to
 
 import json
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
@@ -22,7 +23,7 @@ def run(cfg: DictConfig, raw: RawTable, raw_scoring: RawTable | None) -> tuple[d
     tables = {"train": raw} | ({"scoring": raw_scoring} if raw_scoring is not None else {})
     validated, failures, stats = {}, [], {}
     for role, table in tables.items():
-        df, table_failures = _check(dataset, table, with_target=role == "train")
+        df, table_failures = _check(dataset, cfg.validate, table, with_target=role == "train")
         failures += table_failures
         validated[role] = df
         if df is not None:
@@ -43,39 +44,62 @@ def run(cfg: DictConfig, raw: RawTable, raw_scoring: RawTable | None) -> tuple[d
     )
 
 
-def _check(dataset: DictConfig, table: RawTable, with_target: bool):
+def _check(dataset: DictConfig, checks: DictConfig, table: RawTable, with_target: bool):
     """The validated frame (or None) and the list of failures, one per column and check."""
     import pandera.errors as pe
 
     df = table.df
     source = table.source
-    if df.shape[0] == 0:
-        return None, [_failure(source, None, "not_empty", 0, [], "the file has no data rows")]
+    if len(df) < max(int(checks.min_rows), 1):
+        message = ("the file has no data rows" if len(df) == 0
+                   else f"{len(df)} data rows, fewer than validate.min_rows={checks.min_rows}")
+        return None, [_failure(source, None, "min_rows", len(df), [], message)]
     schema = build_schema(dataset, with_target=with_target)
-    if dataset.get("id_column") in schema.columns:
+    if checks.unique_id and dataset.get("id_column") in schema.columns:
         schema.columns[dataset.id_column].unique = True
+    failures = _whole_numbers(dataset, df, source)
     try:
         out = schema.validate(df, lazy=True)
-        failures = []
     except pe.SchemaErrors as exc:
-        out, failures = None, _failures_from(source, exc.failure_cases)
+        out = None
+        failures += _failures_from(source, exc.failure_cases)
     if not with_target and dataset.target in df.columns:
         failures = [f for f in failures if f["column"] != dataset.target] + [_failure(
             source, dataset.target, "target_absent_in_scoring", len(df), [],
             "scoring data must not contain the target column")]
-        out = None
-    failures += _beyond_schema(dataset, df, source, with_target)
+    failures += _beyond_schema(dataset, checks, df, source, with_target)
     return (out if not failures else None), failures
 
 
-def _beyond_schema(dataset: DictConfig, df: pd.DataFrame, source: str, with_target: bool):
+def _whole_numbers(dataset: DictConfig, df: pd.DataFrame, source: str) -> list[dict]:
+    """int columns read as float (1.5): pandas would truncate them silently when coercing."""
     failures = []
-    for col in df.columns.intersection(list(dataset.columns)):
-        if len(df) and df[col].isna().all():
-            failures.append(_failure(source, col, "not_all_null", len(df), [],
-                                     "every value is missing"))
+    for col, spec in dataset.columns.items():
+        if spec.type != "int" or col not in df or not pd.api.types.is_float_dtype(df[col]):
+            continue
+        s = df[col]
+        bad = s[s.notna() & np.isfinite(s) & (s % 1 != 0)]
+        if len(bad):
+            failures.append(_failure(source, col, "whole_number", len(bad), _examples(bad),
+                                     "values are not whole numbers (type: int)"))
+    return failures
+
+
+def _examples(bad: pd.Series) -> list[dict]:
+    return [{"row": int(i), "value": _plain(v)} for i, v in bad.head(EXAMPLES).items()]
+
+
+def _beyond_schema(dataset: DictConfig, checks: DictConfig, df: pd.DataFrame, source: str,
+                   with_target: bool) -> list[dict]:
+    failures = []
+    if checks.all_null_columns:
+        for col in df.columns.intersection(list(dataset.columns)):
+            if df[col].isna().all():
+                failures.append(_failure(source, col, "not_all_null", len(df), [],
+                                         "every value is missing"))
     target = dataset.target
-    if with_target and target in df.columns and df[target].notna().any():
+    if (checks.target_classes and with_target and target in df.columns
+            and df[target].notna().any()):
         distinct = df[target].nunique()
         if dataset.task != "regression" and distinct < 2:
             failures.append(_failure(source, target, "at_least_two_classes", len(df), [],
@@ -92,6 +116,15 @@ def _failures_from(source: str, cases: pd.DataFrame) -> list[dict]:
     table_level = cases["schema_context"] == "DataFrameSchema"
     # For table-level checks (missing / unexpected columns) the culprit is the value.
     cases.loc[table_level, "column"] = cases.loc[table_level, "failure_case"].astype(str)
+    # One cause, one line: where a column's values failed to convert, its other checks ran
+    # on unconverted values (noise), and a null that cannot become an int is already
+    # reported by not_nullable.
+    check = cases["check"].astype(str)
+    coerce_failed = set(cases.loc[check.str.startswith("coerce_dtype"), "column"])
+    redundant = (cases["column"].isin(coerce_failed) & ~check.str.startswith("coerce_dtype")
+                 & (check != "not_nullable")) | (
+        check.str.startswith("coerce_dtype") & cases["failure_case"].isna())
+    cases = cases[~redundant]
     for (column, check), group in cases.groupby(["column", "check"], sort=False, dropna=False):
         examples = [
             {"row": None if pd.isna(i) else int(i), "value": _plain(v)}
@@ -114,6 +147,10 @@ def _describe(check: str) -> str:
         return "column is not in the dataset config (strict: true)"
     if check.startswith("coerce_dtype") or check.startswith("dtype"):
         return f"values of the wrong type ({check})"
+    if check == "field_uniqueness":
+        return "duplicate values (must be unique)"
+    if check == "not_nullable":
+        return "missing values (not nullable)"
     return check
 
 

@@ -1,0 +1,254 @@
+"""A catalogue of bad inputs: each gets its exit code and the words the user must see,
+leaves the landing zone exactly as it was, and leaves no MLflow run RUNNING.
+
+The runs go through the real command line in-process (typer's runner) against a real
+MLflow store and a lake that already holds a good run's outputs.
+"""
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import FAST
+from trainpipe import demo
+from trainpipe.cli import app
+
+
+@dataclass
+class Case:
+    name: str
+    make: Callable[[Path], list[str]]  # writes the bad input in a folder, returns overrides
+    exit_code: int
+    words: list[str]
+    extra: list[str] = field(default_factory=list)
+
+
+def good() -> pd.DataFrame:
+    return demo.hotel_bookings(rows=300, seed=5).astype(object)
+
+
+def csv(edit: Callable[[pd.DataFrame], pd.DataFrame | None]) -> Callable[[Path], list[str]]:
+    def make(folder: Path) -> list[str]:
+        df = good()
+        df = edit(df) if edit(df.copy()) is not None else df
+        path = folder / "bad.csv"
+        df.to_csv(path, index=False)
+        return [f"dataset.source={path}"]
+    return make
+
+
+def set_cell(row: int, col: str, value) -> Callable[[Path], list[str]]:
+    def edit(df):
+        df.loc[row, col] = value
+        return df
+    return csv(edit)
+
+
+def raw_bytes(data: bytes, name: str = "bad.csv") -> Callable[[Path], list[str]]:
+    def make(folder: Path) -> list[str]:
+        (folder / name).write_bytes(data)
+        return [f"dataset.source={folder / name}"]
+    return make
+
+
+def edit_lines(fn: Callable[[list[str]], list[str]]) -> Callable[[Path], list[str]]:
+    def make(folder: Path) -> list[str]:
+        lines = good().to_csv(index=False).splitlines()
+        (folder / "bad.csv").write_text("\n".join(fn(lines)) + "\n")
+        return [f"dataset.source={folder / 'bad.csv'}"]
+    return make
+
+
+def parquet(edit: Callable[[pd.DataFrame], pd.DataFrame]) -> Callable[[Path], list[str]]:
+    def make(folder: Path) -> list[str]:
+        df = edit(demo.hotel_bookings(rows=300, seed=5))
+        df.to_parquet(folder / "bad.parquet")
+        return [f"dataset.source={folder / 'bad.parquet'}"]
+    return make
+
+
+def scoring(edit: Callable[[pd.DataFrame], pd.DataFrame]) -> Callable[[Path], list[str]]:
+    def make(folder: Path) -> list[str]:
+        train, score = folder / "train.csv", folder / "score.csv"
+        demo.hotel_bookings(rows=300, seed=5).to_csv(train, index=False)
+        edit(demo.hotel_bookings(rows=50, seed=6)).to_csv(score, index=False)
+        return [f"dataset.source={train}", f"dataset.scoring_source={score}"]
+    return make
+
+
+def dataset_yaml(replace: tuple[str, str]) -> Callable[[Path], list[str]]:
+    def make(folder: Path) -> list[str]:
+        from trainpipe.config import CONF_DIR
+
+        conf = folder / "conf" / "dataset"
+        conf.mkdir(parents=True)
+        text = (CONF_DIR / "dataset" / "hotel_bookings.yaml").read_text()
+        assert replace[0] in text
+        (conf / "mine.yaml").write_text(text.replace("name: hotel_bookings", "name: mine")
+                                        .replace(*replace))
+        return ["--config-dir", str(folder / "conf"), "dataset=mine"]
+    return make
+
+
+def drop(col):
+    return lambda df: df.drop(columns=[col])
+
+
+CASES = [
+    Case("out_of_range", set_cell(4, "arrival_month", 13), 3,
+         ["arrival_month", "less_than_or_equal_to(12)", "1 rows", "row 4: 13"]),
+    Case("negative", set_cell(2, "no_of_adults", -1), 3,
+         ["no_of_adults", "greater_than_or_equal_to(0)", "row 2: -1"]),
+    Case("outside_allowed_set", set_cell(7, "repeated_guest", 2), 3,
+         ["repeated_guest", "isin([0, 1])", "row 7: 2"]),
+    Case("string_in_numeric", set_cell(1, "lead_time", "soon"), 3,
+         ["lead_time", "wrong type", "row 1: 'soon'"]),
+    Case("null_not_nullable", set_cell(3, "avg_price_per_room", None), 3,
+         ["avg_price_per_room", "missing values (not nullable)", "row 3"]),
+    Case("not_whole_number", set_cell(6, "no_of_adults", 2.5), 3,
+         ["no_of_adults", "not whole numbers", "row 6: 2.5"]),
+    Case("missing_column", csv(drop("lead_time")), 3, ["lead_time", "column is missing"]),
+    Case("extra_column_strict", csv(lambda df: df.assign(colour="red")), 3,
+         ["colour", "not in the dataset config (strict: true)"]),
+    Case("renamed_column", csv(lambda df: df.rename(columns={"lead_time": "leadtime"})), 3,
+         ["lead_time · column is missing", "leadtime · column is not in the dataset config"]),
+    Case("empty_file", raw_bytes(b""), 3, ["bad.csv: the file is empty"]),
+    Case("header_only", edit_lines(lambda lines: lines[:1]), 3, ["the file has no data rows"]),
+    Case("ragged_row", edit_lines(lambda lines: lines[:4] + [lines[4] + ",7"] + lines[5:]), 3,
+         ["bad.csv: not a well-formed CSV file: line 5 has 20 fields, the header has 19"]),
+    Case("semicolons", edit_lines(lambda lines: [ln.replace(",", ";") for ln in lines]), 3,
+         ["line 1 has no commas but 18 ';'", "';'-delimited"]),
+    Case("not_utf8", raw_bytes(good().to_csv(index=False).encode().replace(
+        b"\n5,", b"\n5\xe9,", 1)), 3, ["line 7: bytes that are not UTF-8", "save the file as"]),
+    Case("duplicate_ids", set_cell(11, "id", 10), 3, ["id", "duplicate values", "row 11: 10"]),
+    Case("single_class", csv(lambda df: df.assign(booking_status=0)), 3,
+         ["booking_status", "single class"]),
+    Case("all_null_column", csv(lambda df: df.assign(avg_price_per_room=None)), 3,
+         ["avg_price_per_room", "every value is missing"],
+         extra=["+dataset.columns.avg_price_per_room.nullable=true"]),
+    Case("inf_value", set_cell(8, "avg_price_per_room", np.inf), 3,
+         ["avg_price_per_room", "finite", "row 8: inf"]),
+    Case("parquet_wrong_types", parquet(lambda df: df.assign(
+        lead_time=df["lead_time"].astype(str).str.replace("1", "one"))), 3,
+         ["bad.parquet", "lead_time", "wrong type", "one"]),
+    Case("scoring_with_target", scoring(lambda df: df), 3,
+         ["score.csv", "booking_status", "scoring data must not contain the target column"]),
+    Case("scoring_bad_value", scoring(lambda df: df.drop(columns=["booking_status"]).assign(
+        arrival_date=40)), 3, ["score.csv", "arrival_date", "less_than_or_equal_to(31)"]),
+    Case("missing_file", lambda folder: [f"dataset.source={folder / 'absent.csv'}"], 2,
+         ["absent.csv: no such file"]),
+    Case("folder_not_file", lambda folder: [f"dataset.source={folder}"], 2,
+         ["is a folder, not a CSV or Parquet file"]),
+    Case("neither_csv_nor_parquet", raw_bytes(b"\x00\x01\x02binary" * 50, "data.bin"), 2,
+         ["data.bin: neither CSV nor Parquet"]),
+    Case("csv_named_parquet", raw_bytes(b"id,a\n1,2\n", "data.parquet"), 2,
+         ["data.parquet: named like Parquet but is not a Parquet file"]),
+    Case("yaml_unknown_type", dataset_yaml(("{type: int, min: 0, max: 10}",
+                                            "{type: integer, min: 0, max: 10}")), 2,
+         ["dataset.columns.no_of_adults.type 'integer' is not one of"]),
+    Case("yaml_target_not_a_column", dataset_yaml(("target: booking_status",
+                                                   "target: cancelled")), 2,
+         ["dataset.target 'cancelled' is not among dataset.columns"]),
+    Case("yaml_unknown_column_key", dataset_yaml(("{type: int, min: 1, max: 12}",
+                                                  "{type: int, minimum: 1, max: 12}")), 2,
+         ["dataset.columns.arrival_month has unknown key(s) ['minimum']"]),
+    Case("yaml_bad_task", dataset_yaml(("task: binary", "task: classification")), 2,
+         ["'classification' is not one of"]),
+    Case("yaml_syntax_error", dataset_yaml(("columns:", "columns: [")), 2,
+         ["invalid YAML", "mine.yaml\", line"]),
+    Case("yaml_unquoted_yes_no", dataset_yaml(("booking_status:                       "
+                                               "{type: int, values: [0, 1]}",
+                                               "booking_status: {type: str, values: [yes, no]}")),
+         2, ["quote them"]),
+    Case("unknown_dataset", lambda folder: ["dataset=nope"], 2, ["nope"]),
+    Case("bad_split_ratio", lambda folder: ["split.test_size=0.9", "split.val_size=0.2"], 2,
+         ["split.val_size=0.2, split.test_size=0.9"]),
+]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """A working folder after one good run: a lake with published landing outputs."""
+    folder = tmp_path_factory.mktemp("good")
+    here = Path.cwd()
+    os.chdir(folder)  # MLflow puts the experiment's artifacts under ./mlruns
+    raw = folder / "lake/raw/hotel_bookings"
+    raw.mkdir(parents=True)
+    demo.hotel_bookings(rows=300, seed=5).to_csv(raw / "train.csv", index=False)
+    result = invoke(folder, [*FAST])
+    os.chdir(here)
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def invoke(folder: Path, args: list[str]):
+    options = [a for a in args if a.startswith("--") or Path(a).is_dir() and "=" not in a]
+    overrides = [a for a in args if a not in options]
+    return CliRunner().invoke(app, ["run", *options, f"lake.root={folder / 'lake'}",
+                                    f"tracking.uri=sqlite:///{folder / 'mlflow.db'}",
+                                    *overrides])
+
+
+def snapshot(zone: Path) -> dict[str, str]:
+    return {str(p.relative_to(zone)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(zone.rglob("*")) if p.is_file()}
+
+
+def test_the_catalogue_is_big_enough():
+    assert len(CASES) >= 25
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_bad_input(case: Case, template: Path, tmp_path: Path, monkeypatch):
+    folder = tmp_path / "work"
+    shutil.copytree(template, folder)
+    monkeypatch.chdir(folder)
+    landing_before = snapshot(folder / "lake/landing")
+    assert landing_before  # the good run published something to protect
+
+    result = invoke(folder, [*case.make(folder), *case.extra])
+
+    message = result.stderr
+    assert result.exit_code == case.exit_code, result.output
+    for words in case.words:
+        assert words in message, f"{words!r} not in:\n{message}"
+    assert "Traceback" not in message
+    assert snapshot(folder / "lake/landing") == landing_before
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    statuses = mlflow.search_runs(search_all_experiments=True)["status"]
+    assert "RUNNING" not in set(statuses)
+    if "data validation failed" in message:  # schema checks: the report is recorded
+        assert "full report:" in message and "validation_report.md" in message
+
+
+def test_scoring_data_without_the_target_is_fine(template, tmp_path, monkeypatch):
+    folder = tmp_path / "work"
+    shutil.copytree(template, folder)
+    monkeypatch.chdir(folder)
+    make = scoring(lambda df: df.drop(columns=["booking_status"]))
+    result = invoke(folder, [*make(folder), *FAST])
+    assert result.exit_code == 0, result.output
+    assert "scoring 50 rows" in result.stdout
+    assert (folder / "lake/landing/hotel_bookings/validated/scoring.parquet").exists()
+
+
+def test_checks_beyond_the_schema_can_be_turned_off(template, tmp_path, monkeypatch):
+    folder = tmp_path / "work"
+    shutil.copytree(template, folder)
+    monkeypatch.chdir(folder)
+    make = csv(lambda df: df.assign(avg_price_per_room=None))
+    nullable = "+dataset.columns.avg_price_per_room.nullable=true"
+    result = invoke(folder, [*make(folder), nullable, *FAST])
+    assert result.exit_code == 3 and "every value is missing" in result.stderr
+    result = invoke(folder, [*make(folder), nullable, "validate.all_null_columns=false", *FAST])
+    assert result.exit_code == 0, result.output
