@@ -19,12 +19,18 @@ HOTEL = REPO.parent / "shared" / "datasets" / "hotel_bookings"
 FAST = ["model.params.n_estimators=20"]  # small forests keep end-to-end tests quick
 
 
+@pytest.fixture(autouse=True)
+def no_mlflow_env(monkeypatch):
+    """MLflow exports MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID when a test sets them
+    in-process; every test starts without them."""
+    for name in [n for n in os.environ if n.startswith("MLFLOW_")]:
+        monkeypatch.delenv(name)
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """An empty working folder: ./lake and ./mlflow.db are created inside it."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     return tmp_path
 
 
@@ -40,8 +46,7 @@ def demo_lake(workdir) -> Path:
 def trainpipe(*args: str, cwd: Path, env: dict | None = None, timeout: float = 240,
               **kwargs) -> subprocess.CompletedProcess:
     """Run the real command line, as a user would."""
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     full_env |= {"COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, "-m", "trainpipe", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout, **kwargs)

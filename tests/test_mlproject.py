@@ -9,7 +9,7 @@ from tests.conftest import REPO
 
 
 def mlflow_run(workdir, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
     return subprocess.run(["mlflow", "run", str(REPO), "--env-manager", "local", *args],
                           cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
