@@ -239,7 +239,7 @@ def test_scoring_data_without_the_target_is_fine(template, tmp_path, monkeypatch
     result = invoke(folder, [*make(folder), *FAST])
     assert result.exit_code == 0, result.output
     assert "scoring 50 rows" in result.stdout
-    assert (folder / "lake/landing/hotel_bookings/validated/scoring.parquet").exists()
+    assert list((folder / "lake/landing/hotel_bookings/validate").glob("*/*/scoring.parquet"))
 
 
 def test_checks_beyond_the_schema_can_be_turned_off(template, tmp_path, monkeypatch):

@@ -1,3 +1,5 @@
+import hashlib
+
 import pandas as pd
 import pytest
 
@@ -12,15 +14,27 @@ def test_publish_writes_files_then_manifest(tmp_path):
     assert manifest["run_id"] == "r1"
     assert set(manifest["files"]) == {"t.parquet"}
     pd.testing.assert_frame_equal(lake.read_parquet("landing/x", "t.parquet"), df)
-    # no temporary files are left behind
-    assert sorted(p.name for p in (tmp_path / "lake/landing/x").iterdir()) == [
-        "manifest.json", "t.parquet"]
+    # the files sit in one attempt folder; no temporary files are left behind
+    files = sorted(str(p.relative_to(tmp_path / "lake/landing/x"))
+                   for p in (tmp_path / "lake/landing/x").rglob("*") if p.is_file())
+    assert files == [manifest["files"]["t.parquet"]["path"], "manifest.json"]
+
+
+def test_racing_writers_leave_one_consistent_output(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    first = lake.publish("out/fp", {"a.bin": b"first"}, run_id="r1")
+    second = lake.publish("out/fp", {"a.bin": b"second"}, run_id="r2")
+    assert first["files"]["a.bin"]["path"] != second["files"]["a.bin"]["path"]
+    manifest = lake.manifest("out/fp")
+    assert manifest["run_id"] == "r2"
+    data = lake.read("out/fp", "a.bin")
+    assert hashlib.sha256(data).hexdigest() == manifest["files"]["a.bin"]["sha256"]
 
 
 def test_a_file_without_manifest_does_not_exist_for_readers(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
-    (tmp_path / "lake/features/x").mkdir(parents=True)
-    (tmp_path / "lake/features/x/train.parquet").write_bytes(b"half written")
+    (tmp_path / "lake/features/x/attempt").mkdir(parents=True)
+    (tmp_path / "lake/features/x/attempt/train.parquet").write_bytes(b"half written")
     with pytest.raises(SourceError, match="not published yet"):
         lake.read("features/x", "train.parquet")
 

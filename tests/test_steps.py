@@ -6,7 +6,8 @@ import pytest
 from tests.conftest import FAST, compose, task_table
 from trainpipe import demo
 from trainpipe.errors import DataValidationError
-from trainpipe.steps import evaluate, features, ingest, split, train, validate
+from trainpipe.pipeline import STEPS
+from trainpipe.steps import ingest
 
 
 @pytest.fixture
@@ -19,15 +20,11 @@ def hotel(tmp_path):
 
 def run_through(cfg, last: str):
     """Run the steps in order up to `last`, passing values along as the pipeline does."""
-    values: dict = {}
-    order = [("ingest", ingest.run, ()), ("validate", validate.run, ("raw", "raw_scoring")),
-             ("split", split.run, ("validated",)), ("features", features.run, ("splits",)),
-             ("train", train.run, ("splits", "transformer", "features")),
-             ("evaluate", evaluate.run, ("model", "features"))]
-    for name, fn, inputs in order:
-        outputs, report = fn(cfg, **{k: values[k] for k in inputs})
+    values: dict = {"sources": ingest.read_sources(cfg)}
+    for step in STEPS:
+        outputs, report = step.module.run(cfg, **{k: values[k] for k in step.inputs})
         values |= outputs
-        if name == last:
+        if step.name == last:
             return values, report
     raise AssertionError(last)
 

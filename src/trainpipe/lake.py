@@ -106,10 +106,16 @@ def _write_atomic(fs, path: str, data: bytes) -> None:
 
 
 class Lake:
-    """A lake root (`./lake`, `s3://bucket/lake`) and the published outputs under it."""
+    """A lake root (`./lake`, `s3://bucket/lake`) and the published outputs under it.
+
+    An output lives under a prefix (`landing/hotel_bookings/split/<fingerprint>`). Each
+    publish writes its files into a fresh attempt folder under it, then the manifest,
+    which names the attempt: two writers racing on one prefix each write their own
+    files, and whichever manifest lands last is complete and consistent.
+    """
 
     def __init__(self, root: str):
-        self.root = root.rstrip("/")
+        self.root = absolute(root).rstrip("/")
         self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
 
     def url(self, *parts: str) -> str:
@@ -120,31 +126,52 @@ class Lake:
 
     def publish(self, prefix: str, files: dict[str, bytes], **meta: Any) -> dict:
         """Publish `files` under `prefix` as one output; the manifest goes last."""
-        manifest_path = self._path(prefix, MANIFEST)
-        if self.fs.exists(manifest_path):  # retract the old output before replacing it
-            self.fs.rm(manifest_path)
+        attempt = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
         entries = {}
         for name, data in files.items():
-            _write_atomic(self.fs, self._path(prefix, name), data)
-            entries[name] = {"sha256": digest(data), "bytes": len(data)}
+            _write_atomic(self.fs, self._path(prefix, attempt, name), data)
+            entries[name] = {"path": f"{attempt}/{name}", "sha256": digest(data),
+                             "bytes": len(data)}
         manifest = {"files": entries, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                 time.gmtime()), **meta}
-        _write_atomic(self.fs, manifest_path, json.dumps(manifest, indent=2).encode())
+        _write_atomic(self.fs, self._path(prefix, MANIFEST),
+                      json.dumps(manifest, indent=2).encode())
         return manifest
 
     def manifest(self, prefix: str) -> dict | None:
-        path = self._path(prefix, MANIFEST)
-        if not self.fs.exists(path):
+        try:
+            return json.loads(self.fs.cat_file(self._path(prefix, MANIFEST)))
+        except FileNotFoundError:
             return None
-        return json.loads(self.fs.cat_file(path))
 
-    def read(self, prefix: str, name: str) -> bytes:
+    def read(self, prefix: str, name: str, manifest: dict | None = None) -> bytes:
         """A published file; SourceError when its output was never (fully) published."""
-        manifest = self.manifest(prefix)
+        manifest = manifest or self.manifest(prefix)
         if manifest is None or name not in manifest["files"]:
-            raise SourceError(f"{redact_uri(self.url(prefix, name))}: not published yet "
+            raise SourceError(f"{redact_uri(self.url(prefix))}: not published yet "
                               "(run the steps before this one first)")
-        return self.fs.cat_file(self._path(prefix, name))
+        return self.fs.cat_file(self._path(prefix, manifest["files"][name]["path"]))
 
-    def read_parquet(self, prefix: str, name: str) -> pd.DataFrame:
-        return pd.read_parquet(io.BytesIO(self.read(prefix, name)))
+    def read_parquet(self, prefix: str, name: str, manifest: dict | None = None):
+        return pd.read_parquet(io.BytesIO(self.read(prefix, name, manifest)))
+
+    def outputs(self, prefix: str) -> list[tuple[str, dict | None]]:
+        """(sub-prefix, manifest or None) for each output folder directly under `prefix`."""
+        try:
+            entries = self.fs.ls(self._path(prefix), detail=False)
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in entries:
+            sub = posixpath.join(prefix, posixpath.basename(entry.rstrip("/")))
+            if self.fs.isdir(entry):
+                found.append((sub, self.manifest(sub)))
+        return found
+
+    def remove(self, prefix: str) -> None:
+        """Retract an output: the manifest first (readers stop trusting it), then the rest."""
+        manifest = self._path(prefix, MANIFEST)
+        if self.fs.exists(manifest):
+            self.fs.rm(manifest)
+        if self.fs.exists(self._path(prefix)):
+            self.fs.rm(self._path(prefix), recursive=True)

@@ -1,6 +1,10 @@
 """The pipeline: its steps in order, and the loop that runs them as MLflow runs.
 
     raw zone ─▶ ingest ─▶ validate ─▶ split ─▶ features ─▶ train ─▶ evaluate
+
+Before anything runs, every step gets its fingerprint (see cache.py). A step whose
+output is already published under its fingerprint is not run again ("cached"); so a
+re-run redoes only what a change affects, and a crashed run resumes where it stopped.
 """
 
 import signal
@@ -8,37 +12,48 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import ModuleType
 
 from omegaconf import DictConfig
 
-from trainpipe import demo, lake
-from trainpipe.catalog import Catalog
-from trainpipe.errors import Interrupted
+from trainpipe import cache, demo, lake
+from trainpipe.catalog import ZONES, Catalog
+from trainpipe.errors import ConfigError, Interrupted
 from trainpipe.steps import evaluate, features, ingest, split, train, validate
 
 
 @dataclass(frozen=True)
 class Step:
     name: str
-    run: Callable
-    inputs: tuple[str, ...]  # names the catalog can load when the step runs alone
+    module: ModuleType  # its `run(cfg, **inputs)` does the work
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    reads: tuple[str, ...]  # the config keys it reads: part of its fingerprint
 
 
+DATASET = ("dataset.target", "dataset.task")
 STEPS = (
-    Step("ingest", ingest.run, ()),
-    Step("validate", validate.run, ("raw", "raw_scoring")),
-    Step("split", split.run, ("validated",)),
-    Step("features", features.run, ("splits",)),
-    Step("train", train.run, ("splits", "transformer", "features")),
-    Step("evaluate", evaluate.run, ("model", "features")),
+    Step("ingest", ingest, ("sources",), ("raw", "raw_scoring"), ()),
+    Step("validate", validate, ("raw", "raw_scoring"), ("validated", "scoring"),
+         ("dataset.name", "dataset.columns", "dataset.id_column", "dataset.strict", "validate",
+          *DATASET)),
+    Step("split", split, ("validated",), ("splits",), ("seed", "split", *DATASET)),
+    Step("features", features, ("splits",), ("transformer", "features"),
+         ("dataset.columns", "dataset.derived", "dataset.id_column", "model.preprocessing",
+          *DATASET)),
+    # The model lives in the tracking store: another store means another output.
+    Step("train", train, ("splits", "transformer", "features"), ("model", "example"),
+         ("model", "tracking.uri", *DATASET)),
+    Step("evaluate", evaluate, ("model", "features"), ("metrics",), ("evaluate", *DATASET)),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)
+PRODUCER = {output: step.name for step in STEPS for output in step.outputs}
 
 
 @dataclass
 class StepResult:
     name: str
-    status: str = "pending"  # pending | running | done | failed | killed
+    status: str = "pending"  # pending | running | done | cached | failed | killed
     seconds: float = 0.0
     summary: str = ""
 
@@ -52,58 +67,110 @@ class RunResult:
     error: BaseException | None = None
 
 
-def run(cfg: DictConfig, overrides: list[str], only: str | None = None,
+def fingerprints(cfg: DictConfig, sources: dict[str, lake.Source]) -> dict[str, str]:
+    prints: dict[str, str] = {}
+    for step in STEPS:
+        if step.name == "ingest":
+            upstream = [sources[role].digest for role in sorted(sources)]
+        else:
+            upstream = [prints[p] for p in sorted({PRODUCER[i] for i in step.inputs})]
+        prints[step.name] = cache.fingerprint(step.name, step.module, cfg, step.reads, upstream)
+    return prints
+
+
+def select(first: str | None, last: str | None) -> list[Step]:
+    names = list(STEP_NAMES)
+    for name in (first, last):
+        if name is not None and name not in names:
+            raise ConfigError(f"unknown step {name!r}; steps: {', '.join(names)}")
+    start = names.index(first) if first else 0
+    stop = names.index(last) + 1 if last else len(names)
+    if start >= stop:
+        raise ConfigError(f"--from {first} comes after --to {last}")
+    return list(STEPS[start:stop])
+
+
+def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
+        last: str | None = None, force: bool = False,
         on_step: Callable[[StepResult], None] = lambda r: None,
         on_notice: Callable[[str], None] = lambda m: None) -> RunResult:
-    """Run every step (or `only` one, reading its inputs from the lake). Never raises:
-    the error, if any, is in the result, and every MLflow run has already ended."""
+    """Run the steps from `first` to `last` (default: all). Never raises: the error, if
+    any, is in the result, and every MLflow run has already ended."""
     from trainpipe.tracking import Tracking, warm_up
 
-    steps = [s for s in STEPS if only in (None, s.name)]
+    steps = select(first, last)
+    force = force or bool(cfg.get("force", False))
     result = RunResult([StepResult(s.name) for s in steps])
     try:
         with _sigterm_interrupts():
-            if only in (None, "ingest"):
+            if steps[0].name == "ingest":
                 _ensure_demo_data(cfg, on_notice)
             tracking = Tracking(cfg)
             warm_up()
-            catalog = Catalog(cfg, lake.Lake(cfg.lake.root), tracking)
+            sources = ingest.read_sources(cfg)
+            catalog = Catalog(cfg, lake.Lake(cfg.lake.root), tracking, sources,
+                              fingerprints(cfg, sources))
+            cached = _cached(catalog, steps, force)
             with tracking.pipeline_run(cfg, overrides, [s.name for s in steps]) as parent:
                 result.run_id = parent
-                values: dict = {}
+                tracking.log_sources(parent, cfg, sources)
+                values: dict = {"sources": sources}
                 for step, step_result in zip(steps, result.steps, strict=True):
-                    values |= _run_step(cfg, step, step_result, values, catalog, parent,
-                                        result, on_step)
-                result.metrics = {k: v for k, v in values.get("metrics", {}).items()
-                                  if k.startswith("test_")}
+                    values |= _run_step(cfg, step, step_result, values, catalog,
+                                        cached[step.name], result, on_step)
                 tracking.log_metrics(parent, result.metrics)
     except BaseException as exc:  # noqa: BLE001 - reported to the caller, runs already ended
         result.error = exc
     return result
 
 
+def _cached(catalog: Catalog, steps: list[Step], force: bool) -> dict[str, dict | None]:
+    """Step name -> the manifest of its published output, or None if it must run. A step
+    that publishes nothing (ingest) is cached when every step reading it is."""
+    cached: dict[str, dict | None] = {}
+    for step in reversed(steps):
+        if force:
+            cached[step.name] = None
+        elif step.name in ZONES:
+            cached[step.name] = catalog.manifest(step.name)
+        else:
+            readers = [s for s in steps if set(s.inputs) & set(step.outputs)]
+            done = readers and all(cached[s.name] is not None for s in readers)
+            cached[step.name] = {"run_id": None} if done else None
+    return cached
+
+
 def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: Catalog,
-              parent: str, result: RunResult, on_step) -> dict:
+              cached: dict | None, result: RunResult, on_step) -> dict:
     tracking = catalog.tracking
+    fingerprint = catalog.fingerprints[step.name]
     step_result.status = "running"
     on_step(step_result)
     start = time.perf_counter()
+    outputs: dict = {}
     try:
-        with tracking.step_run(step.name) as run_id:
-            try:
-                inputs = {n: values[n] if n in values else catalog.load(n) for n in step.inputs}
-                outputs, report = step.run(cfg, **inputs)
-            except Exception as exc:
-                if getattr(exc, "report", None) is not None:  # e.g. the validation report
-                    tracking.record(run_id, exc.report)
-                    where = tracking.artifact_uri(run_id)
-                    exc.add_note(f"full report: {where}/" + ", ".join(exc.report.artifacts))
-                raise
-            tags = catalog.save(outputs, run_id, parent)
-            tracking.record(run_id, report)
-            if tags:
-                tracking.set_tags(parent, tags)
-                result.tags |= tags
+        with tracking.step_run(step.name, fingerprint, cached) as run_id:
+            if cached is not None:
+                manifest, status = cached, "cached"
+                made_by = manifest.get("run_id")
+                summary = f"cached, from run {made_by}" if made_by else "cached"
+            else:
+                inputs = {n: values[n] if n in values else catalog.load(n)
+                          for n in step.inputs}
+                try:
+                    outputs, report = step.module.run(cfg, **inputs)
+                except Exception as exc:
+                    _record_failure_report(tracking, run_id, exc)
+                    raise
+                manifest = catalog.save(step.name, outputs, run_id)
+                tracking.record(run_id, report)
+                status, summary = "done", report.summary
+            parent = manifest.get("parent", {})
+            if parent.get("tags"):
+                tracking.set_tags(result.run_id, parent["tags"])
+            result.tags |= parent.get("tags", {})
+            result.metrics |= parent.get("metrics", {})
+        step_result.status, step_result.summary = status, summary
     except (KeyboardInterrupt, Interrupted):
         step_result.status = "killed"
         raise
@@ -112,11 +179,16 @@ def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: C
         raise
     finally:
         step_result.seconds = time.perf_counter() - start
-        if step_result.status == "running":
-            step_result.status = "done"
-            step_result.summary = report.summary
         on_step(step_result)
     return outputs
+
+
+def _record_failure_report(tracking, run_id: str, exc: Exception) -> None:
+    """Errors that carry a report (validation) leave it on the failed step's run."""
+    if getattr(exc, "report", None) is not None:
+        tracking.record(run_id, exc.report)
+        where = tracking.artifact_uri(run_id)
+        exc.add_note(f"full report: {where}/" + ", ".join(exc.report.artifacts))
 
 
 def _ensure_demo_data(cfg: DictConfig, notice: Callable[[str], None]) -> None:

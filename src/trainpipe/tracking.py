@@ -7,9 +7,11 @@ Ctrl-C or SIGTERM. Everything written here passes through redaction first.
 import json
 import os
 import platform
+import socket
 import subprocess
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -39,7 +41,6 @@ def quiet_mlflow() -> None:
     """trainpipe reports for itself; MLflow's hints about int columns, pickle formats and
     table creation would bury the summary."""
     import logging
-    import warnings
 
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.ERROR)
@@ -73,11 +74,12 @@ class Tracking:
         """The parent run; under `mlflow run` it is the run MLflow already created."""
         if not os.environ.get("MLFLOW_RUN_ID"):
             mlflow.set_experiment(self.experiment)
+        self._end_stale_runs()
         tags = {"trainpipe.kind": "pipeline", "trainpipe.version": trainpipe.__version__,
                 "trainpipe.dataset": cfg.dataset.name, "trainpipe.model": cfg.model.name,
                 "trainpipe.steps": ",".join(steps),
                 "trainpipe.overrides": redact_text(" ".join(overrides))}
-        tags |= _git_tags()
+        tags |= _git_tags() | _process_tags()
         with _ended_run(run_name=f"{cfg.dataset.name}-{cfg.model.name}", tags=tags) as run_id:
             params = flat_params(cfg)
             for i in range(0, len(params), BATCH):
@@ -88,9 +90,29 @@ class Tracking:
             yield run_id
 
     @contextmanager
-    def step_run(self, name: str) -> Iterator[str]:
-        with _ended_run(run_name=name, nested=True, tags={"trainpipe.step": name}) as run_id:
+    def step_run(self, name: str, fingerprint: str, cached: dict | None) -> Iterator[str]:
+        tags = {"trainpipe.step": name, "trainpipe.fingerprint": fingerprint,
+                "trainpipe.cache": "miss" if cached is None else "hit", **_process_tags()}
+        if cached and cached.get("run_id"):
+            tags["trainpipe.cache.run_id"] = cached["run_id"]  # the run that made the output
+        with _ended_run(run_name=name, nested=True, tags=tags) as run_id:
             yield run_id
+
+    def _end_stale_runs(self) -> None:
+        """Runs left RUNNING by a trainpipe process of this machine that is gone (killed,
+        crashed machine) are marked KILLED; runs of live processes are left alone."""
+        experiment = mlflow.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            return
+        host = socket.gethostname()
+        stale = self.client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`trainpipe.host` = '{host}'",
+            max_results=1000)
+        for run in stale:
+            pid = int(run.data.tags.get("trainpipe.pid", "0"))
+            if pid and pid != os.getpid() and not _alive(pid):
+                self.client.set_terminated(run.info.run_id, "KILLED")
 
     def record(self, run_id: str, report: Report) -> None:
         self.client.log_batch(
@@ -112,26 +134,30 @@ class Tracking:
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0)
                                                for k, v in metrics.items()])
 
-    def log_dataset(self, run_ids: list[str], df, *, name: str, source: str, digest: str,
-                    target: str | None, context: str) -> None:
-        import warnings
-
+    def log_sources(self, run_id: str, cfg: DictConfig, sources: dict) -> None:
+        """The input data as MLflow dataset inputs: name, digest, source, size."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        # Schema from a sample (inferring it from every row costs ~0.4 s on 42k rows);
-        # the profile still counts every row.
-        with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
-            warnings.simplefilter("ignore")
-            sample = mlflow.data.from_pandas(df.head(1000), source=source, name=name,
-                                             digest=digest[:32],
-                                             targets=target if target in df else None)
-            entity = sample._to_mlflow_entity()
-        profile = json.dumps({"num_rows": len(df), "num_elements": int(df.size)})
-        dataset = Dataset(entity.name, entity.digest, entity.source_type, entity.source,
-                          entity.schema, profile)
-        dataset_input = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
-        for run_id in run_ids:
-            self.client.log_inputs(run_id, datasets=[dataset_input])
+        from trainpipe.lake import absolute
+
+        inputs = []
+        for role, source in sources.items():
+            url = redact_uri(absolute(source.url))
+            try:
+                with warnings.catch_warnings():  # "can be interpreted in multiple ways"
+                    warnings.simplefilter("ignore")
+                    resolved = resolve_dataset_source(url)
+                source_type, source_json = resolved._get_source_type(), resolved.to_json()
+            except Exception:  # noqa: BLE001 - a URL scheme MLflow has no source type for
+                source_type, source_json = "url", json.dumps({"url": url})
+            profile = {"sha256": source.digest, "bytes": len(source.data),
+                       "format": source.format}
+            dataset = Dataset(cfg.dataset.name, source.digest[:32], source_type, source_json,
+                              None, json.dumps(profile))
+            context = "training" if role == "train" else "scoring"
+            inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
+        self.client.log_inputs(run_id, datasets=inputs)
 
     def log_model(self, model, example, estimator_module: str) -> str:
         """Log the inference pipeline to the active (train) run; return its model URI."""
@@ -242,6 +268,20 @@ def _version(package: str) -> str | None:
 def _environment() -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(),
             "packages": {p: _version(p) for p in PACKAGES}}
+
+
+def _process_tags() -> dict[str, str]:
+    return {"trainpipe.host": socket.gethostname(), "trainpipe.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _git_tags() -> dict[str, str]:

@@ -23,23 +23,34 @@ class RawTable:
     format: str
 
 
-def run(cfg: DictConfig) -> tuple[dict, Report]:
-    raw = read_table(cfg.dataset.source)
-    outputs = {"raw": raw, "raw_scoring": None}
+def read_sources(cfg: DictConfig) -> dict[str, Source]:
+    """The raw bytes of the training data (and scoring data), read once per run: their
+    digests identify the data before any of it is parsed."""
+    sources = {"train": read_source(cfg.dataset.source)}
+    if cfg.dataset.get("scoring_source"):
+        sources["scoring"] = read_source(cfg.dataset.scoring_source)
+    return sources
+
+
+def run(cfg: DictConfig, sources: dict[str, Source]) -> tuple[dict, Report]:
+    raw = to_table(sources["train"])
+    scoring = to_table(sources["scoring"]) if "scoring" in sources else None
     summary = f"{len(raw.df):,} rows x {raw.df.shape[1]} columns ({raw.format})"
     params = {"source": raw.source, "source_digest": raw.digest, "rows": len(raw.df)}
-    if cfg.dataset.get("scoring_source"):
-        scoring = read_table(cfg.dataset.scoring_source)
-        outputs["raw_scoring"] = scoring
+    if scoring is not None:
         summary += f"; scoring {len(scoring.df):,} rows"
         params |= {"scoring_source": scoring.source, "scoring_digest": scoring.digest,
                    "scoring_rows": len(scoring.df)}
-    return outputs, Report(summary=summary, params=params)
+    return {"raw": raw, "raw_scoring": scoring}, Report(summary=summary, params=params)
+
+
+def to_table(source: Source) -> RawTable:
+    return RawTable(_parse(source), redact_uri(absolute(source.url)), source.digest,
+                    source.format)
 
 
 def read_table(url: str) -> RawTable:
-    source = read_source(url)
-    return RawTable(_parse(source), redact_uri(absolute(url)), source.digest, source.format)
+    return to_table(read_source(url))
 
 
 def _parse(source: Source) -> pd.DataFrame:

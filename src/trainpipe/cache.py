@@ -1,0 +1,44 @@
+"""What identifies a step's output: its fingerprint. This is the one place it is defined.
+
+A step's fingerprint is the sha256 of:
+  1. the step's name;
+  2. its code version: the sha256 of the step module's source file, and trainpipe's
+     version (shared helpers change with the version);
+  3. the resolved values of the config keys the step reads (`Step.reads`);
+  4. the fingerprints of the steps whose outputs it reads; for ingest, which reads the
+     raw zone, the sha256 of each source file's bytes.
+Same fingerprint, same output: a published output with that fingerprint is reused.
+File timestamps play no part.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import trainpipe
+
+
+def code_version(module: ModuleType) -> str:
+    source = Path(module.__file__).read_bytes()
+    return f"{trainpipe.__version__}+{hashlib.sha256(source).hexdigest()[:16]}"
+
+
+def config_values(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
+    values = {}
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=None)
+        values[key] = (OmegaConf.to_container(value, resolve=True)
+                       if OmegaConf.is_config(value) else value)
+    return values
+
+
+def fingerprint(name: str, module: ModuleType, cfg: DictConfig, reads: tuple[str, ...],
+                upstream: list[str]) -> str:
+    identity = {"step": name, "code": code_version(module),
+                "config": config_values(cfg, reads), "upstream": upstream}
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
