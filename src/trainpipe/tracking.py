@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -157,7 +158,13 @@ class Tracking:
                               None, json.dumps(profile))
             context = "training" if role == "train" else "scoring"
             inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
-        self.client.log_inputs(run_id, datasets=inputs)
+        try:
+            self.client.log_inputs(run_id, datasets=inputs)
+        except mlflow.exceptions.MlflowException:
+            # Two runs logging the same new dataset at once: MLflow's insert of the shared
+            # dataset row races (a unique-constraint error). The second try finds the row.
+            time.sleep(0.2)
+            self.client.log_inputs(run_id, datasets=inputs)
 
     def log_model(self, model, example, estimator_module: str) -> str:
         """Log the inference pipeline to the active (train) run; return its model URI."""

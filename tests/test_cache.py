@@ -1,0 +1,231 @@
+"""Never redo work, never lose work: content-addressed caching, resume, safe publishing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import FAST, trainpipe
+from trainpipe import demo
+from trainpipe.cli import app
+from trainpipe.lake import Lake
+
+STEPS = ["ingest", "validate", "split", "features", "train", "evaluate"]
+
+
+def invoke(folder: Path, *args: str):
+    return CliRunner().invoke(app, [*args, f"tracking.uri=sqlite:///{folder / 'mlflow.db'}"])
+
+
+def step_runs(folder: Path) -> pd.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    return mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"])
+
+
+def latest_cache_states(folder: Path) -> dict[str, str]:
+    """Step -> 'hit' or 'miss' for the most recent pipeline run."""
+    df = step_runs(folder)
+    parent = df[df["tags.trainpipe.kind"] == "pipeline"].iloc[0]
+    children = df[df["tags.mlflow.parentRunId"] == parent["run_id"]]
+    return dict(zip(children["tags.trainpipe.step"], children["tags.trainpipe.cache"],
+                    strict=True))
+
+
+def ran(folder: Path) -> list[str]:
+    states = latest_cache_states(folder)
+    return [s for s in STEPS if states.get(s) == "miss"]
+
+
+def latest_parent(folder: Path) -> pd.Series:
+    df = step_runs(folder)
+    return df[df["tags.trainpipe.kind"] == "pipeline"].iloc[0]
+
+
+def test_the_change_matrix(demo_lake):
+    folder = demo_lake
+    assert invoke(folder, "run", *FAST).exit_code == 0
+    assert ran(folder) == STEPS
+    first_model = latest_parent(folder)["tags.trainpipe.model_uri"]
+
+    # nothing changed: nothing is redone, the same model is the result
+    result = invoke(folder, "run", *FAST)
+    assert result.exit_code == 0, result.output
+    assert ran(folder) == []
+    assert result.stdout.count("cached") >= 6
+    parent = latest_parent(folder)
+    assert parent["tags.trainpipe.model_uri"] == first_model
+    assert parent["metrics.test_roc_auc"] > 0.5  # test metrics still reach the parent run
+    states = step_runs(folder)
+    train_hit = states[(states["tags.trainpipe.step"] == "train")].iloc[0]
+    assert train_hit["tags.trainpipe.cache.run_id"]  # links to the run that made the model
+
+    # a model parameter: train and what follows
+    assert invoke(folder, "run", "model.params.n_estimators=25").exit_code == 0
+    assert ran(folder) == ["train", "evaluate"]
+
+    # the split ratio: from split on
+    assert invoke(folder, "run", *FAST, "split.test_size=0.2").exit_code == 0
+    assert ran(folder) == ["split", "features", "train", "evaluate"]
+
+    # preprocessing: from features on
+    assert invoke(folder, "run", *FAST, "model.preprocessing.categorical_encoding=onehot"
+                  ).exit_code == 0
+    assert ran(folder) == ["features", "train", "evaluate"]
+
+    # one value in the source data: everything
+    source = folder / "lake/raw/hotel_bookings/train.csv"
+    df = pd.read_csv(source)
+    df.loc[0, "lead_time"] += 1
+    df.to_csv(source, index=False)
+    assert invoke(folder, "run", *FAST).exit_code == 0
+    assert ran(folder) == STEPS
+
+    # --force and force=true: everything, and --from/--to slice
+    assert invoke(folder, "run", *FAST, "--force").exit_code == 0
+    assert ran(folder) == STEPS
+    assert invoke(folder, "run", *FAST, "force=true", "--from", "train").exit_code == 0
+    assert ran(folder) == ["train", "evaluate"]
+    assert invoke(folder, "run", *FAST, "--force", "--to", "split").exit_code == 0
+    assert ran(folder) == ["ingest", "validate", "split"]
+
+
+def test_inspect_and_clean(demo_lake):
+    folder = demo_lake
+    for n in (20, 21, 22):
+        assert invoke(folder, "run", f"model.params.n_estimators={n}").exit_code == 0
+    result = invoke(folder, "inspect", "model.params.n_estimators=22")
+    assert result.exit_code == 0, result.output
+    for step in STEPS[1:]:
+        assert step in result.stdout
+    assert result.stdout.count("published") == 5
+    result = invoke(folder, "inspect", "model.params.n_estimators=99")
+    assert result.stdout.count("published") == 3 and result.stdout.count("missing") == 2
+
+    train_outputs = folder / "lake/models/hotel_bookings/train"
+    assert len(list(train_outputs.iterdir())) == 3
+    result = invoke(folder, "clean", "--step", "train", "--keep", "1")
+    assert result.exit_code == 0, result.output
+    assert "2 output(s) removed" in result.stdout
+    assert len(list(train_outputs.iterdir())) == 1
+    assert invoke(folder, "run", "model.params.n_estimators=22").exit_code == 0
+    assert ran(folder) == []  # the newest output was kept
+    assert invoke(folder, "clean", "--keep", "0").exit_code == 0
+    assert (folder / "lake/raw/hotel_bookings/train.csv").exists()  # never raw data
+    assert not any(p.is_file() for p in (folder / "lake/landing").rglob("*"))
+
+
+def published_outputs_are_whole(lake_root: Path) -> int:
+    """Every manifest names files that exist with the recorded digests. Returns the count."""
+    lake = Lake(str(lake_root))
+    count = 0
+    for manifest_path in lake_root.rglob("manifest.json"):
+        prefix = str(manifest_path.parent.relative_to(lake_root))
+        manifest = json.loads(manifest_path.read_text())
+        for name in manifest["files"]:
+            lake.read(prefix, name)  # raises if missing
+            data = (manifest_path.parent / manifest["files"][name]["path"]).read_bytes()
+            import hashlib
+
+            assert hashlib.sha256(data).hexdigest() == manifest["files"][name]["sha256"]
+        count += 1
+    return count
+
+
+def start(folder: Path, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.Popen([sys.executable, "-m", "trainpipe", "run", *args], cwd=folder,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        if text in line:
+            return
+        assert time.monotonic() < deadline, f"no {text!r} in time"
+    raise AssertionError(f"process ended before {text!r}: {proc.stderr.read()}")
+
+
+def wait_for_publishing(folder: Path, zone: str, timeout: float = 120) -> None:
+    """Until a features attempt folder exists whose output has no manifest yet."""
+    deadline = time.monotonic() + timeout
+    base = folder / "lake" / zone
+    while time.monotonic() < deadline:
+        for attempt in base.glob("*/*/*/*"):
+            if attempt.is_dir() and not (attempt.parent / "manifest.json").exists():
+                return
+        time.sleep(0.002)
+    raise AssertionError("never saw a publish in progress")
+
+
+@pytest.fixture
+def big_demo(workdir) -> Path:
+    raw = workdir / "lake/raw/hotel_bookings"
+    raw.mkdir(parents=True)
+    demo.hotel_bookings(rows=150_000, seed=1).to_csv(raw / "train.csv", index=False)
+    return workdir
+
+
+@pytest.mark.parametrize("moment", ["features", "train", "publishing"])
+def test_kill_9_then_resume(big_demo, moment):
+    folder = big_demo
+    args = ["model.params.n_estimators=40", "model.params.n_jobs=1"]
+    proc = start(folder, *args)
+    if moment == "publishing":
+        wait_for_publishing(folder, "features")
+    else:
+        wait_for_line(proc, f"▶ {moment}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    published = published_outputs_are_whole(folder / "lake")
+    assert published >= 2  # validate and split finished before the kill
+    finished = [s for s in STEPS[1:] if list((folder / "lake").glob(f"*/*/{s}/*/manifest.json"))]
+    assert "train" not in finished
+    if moment != "features":  # features may finish in the moment the kill takes
+        assert ("features" in finished) == (moment == "train")
+    before = step_runs(folder)
+    assert "RUNNING" in set(before["status"])  # SIGKILL leaves no chance to clean up
+
+    result = trainpipe("run", *args, cwd=folder)
+    assert result.returncode == 0, result.stderr
+    after = step_runs(folder)
+    assert "RUNNING" not in set(after["status"])
+    killed = set(before[before["status"] == "RUNNING"]["run_id"])
+    assert set(after[after["run_id"].isin(killed)]["status"]) == {"KILLED"}
+    states = latest_cache_states(folder)
+    assert [s for s in STEPS[1:] if states[s] == "hit"] == finished  # reuses what finished
+    published_outputs_are_whole(folder / "lake")
+
+
+def test_concurrent_runs_share_upstream_and_never_overwrite(demo_lake):
+    folder = demo_lake
+    assert trainpipe("run", *FAST, cwd=folder).returncode == 0  # the store and lake exist
+    source = folder / "lake/raw/hotel_bookings/train.csv"
+    demo.hotel_bookings(rows=4000, seed=9).to_csv(source, index=False)  # all steps rerun
+
+    configs = [["model.params.n_estimators=20"], ["model.params.n_estimators=30"],
+               ["model.params.n_estimators=30"]]  # the last two race on every fingerprint
+    procs = [start(folder, *c) for c in configs]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+
+    published_outputs_are_whole(folder / "lake")
+    for step in ("validate", "split"):
+        assert len(list((folder / f"lake/landing/hotel_bookings/{step}").iterdir())) == 2
+    assert len(list((folder / "lake/models/hotel_bookings/train").iterdir())) == 3
+    df = step_runs(folder)
+    parents = df[df["tags.trainpipe.kind"] == "pipeline"]
+    assert len(parents) == 4 and set(parents["status"]) == {"FINISHED"}
+    models = set(parents.head(3)["tags.trainpipe.model_uri"])
+    assert len(models) >= 2  # 20 trees and 30 trees are different models
