@@ -53,7 +53,8 @@ class RunFailed(Exception):
 
 def trainpipe_cmd(data: Path, model: str) -> list[str]:
     exe = Path(sys.executable).with_name("trainpipe")
-    return [str(exe) if exe.exists() else "trainpipe", "run", f"dataset.source={data}",
+    # --force: every timed run does the whole work (re-runs would otherwise be cached)
+    return [str(exe) if exe.exists() else "trainpipe", "run", "--force", f"dataset.source={data}",
             f"model={model}", f"lake.root={WORK / 'lake'}",
             f"tracking.uri=sqlite:///{WORK / 'mlflow.db'}"]
 
