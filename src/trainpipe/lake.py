@@ -7,8 +7,14 @@ transformer), models/ (pointers to logged models). All data IO lives here.
 A step's outputs are published as a set: each file is written under a temporary
 name and moved into place, then `manifest.json` (digests, rows, producing run) is
 written last. Readers trust only files named in a manifest.
+
+On S3 (AWS, MinIO, any endpoint: `AWS_ENDPOINT_URL`), credentials come only from the
+environment or AWS profiles. Requests are retried a bounded number of times (`S3_CONFIG`);
+then the error says what went wrong in words: a bucket that does not exist, credentials
+refused, an endpoint that cannot be reached.
 """
 
+import copy
 import hashlib
 import io
 import json
@@ -16,16 +22,177 @@ import os
 import posixpath
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import pandas as pd
 
-from trainpipe.errors import SourceError
-from trainpipe.redaction import redact_uri
+from trainpipe.errors import SourceError, TrainpipeError
+from trainpipe.redaction import redact_text, redact_uri
 
 MANIFEST = "manifest.json"
+OBJECT_STORES = ("s3", "s3a")
+# botocore's settings for every S3 request of the lake: a request that cannot connect is
+# tried S3_ATTEMPTS times in all (exponential backoff with jitter, a few seconds
+# together), then fails with a LakeUnavailable error.
+S3_ATTEMPTS = 4
+S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60,
+             "retries": {"total_max_attempts": S3_ATTEMPTS, "mode": "standard"}}
+
+
+class LakeUnavailable(TrainpipeError):
+    """The lake's storage cannot be reached (after retries): the endpoint is down or gone."""
+
+    exit_code = 1
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for `url`: bounded retries and timeouts for S3, nothing otherwise.
+
+    The endpoint is named explicitly (when set) so that fsspec's cache of filesystem
+    objects never hands out one bound to another endpoint."""
+    if fsspec.utils.get_protocol(url) not in OBJECT_STORES:
+        return {}
+    options: dict[str, Any] = {"config_kwargs": copy.deepcopy(S3_CONFIG)}  # botocore edits it
+    if endpoint := _endpoint():
+        options["endpoint_url"] = endpoint
+    return options
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _url_to_fs(url: str):
+    options = storage_options(url)
+    if options:
+        _quiet_orphaned_connection_errors()
+    return fsspec.core.url_to_fs(url, **options)
+
+
+_quieted = False
+
+
+def _quiet_orphaned_connection_errors() -> None:
+    """When an endpoint goes away, aiohttp leaves background write tasks whose connection
+    errors asyncio prints as "Task exception was never retrieved" with a traceback. The
+    request they belonged to has already failed and is reported in words: drop the noise."""
+    global _quieted
+    if _quieted:
+        return
+    from fsspec.asyn import get_loop
+
+    def handler(loop, context):
+        exc = context.get("exception")
+        if ("never retrieved" in str(context.get("message", ""))
+                and isinstance(exc, (OSError, *_aiohttp_errors()))):
+            return
+        loop.default_exception_handler(context)
+
+    get_loop().set_exception_handler(handler)
+    _quieted = True
+
+
+def _aiohttp_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import aiohttp
+    except ImportError:
+        return ()
+    return (aiohttp.ClientConnectionError,)
+
+
+@contextmanager
+def storage_errors(url: str, doing: str) -> Iterator[None]:
+    """Turn storage failures into errors that say what is wrong and what to check.
+
+    A missing object stays a FileNotFoundError (callers decide what that means); a missing
+    bucket, refused credentials and an unreachable endpoint become TrainpipeErrors."""
+    try:
+        yield
+    except TrainpipeError:
+        raise
+    except FileNotFoundError as exc:
+        if _missing_bucket(exc):
+            raise SourceError(f"{redact_uri(url)}: cannot {doing}: the bucket "
+                              f"{_bucket(url)!r} does not exist{_at_endpoint(url)}; create it "
+                              "or fix the URL") from None
+        raise
+    except PermissionError as exc:
+        hint = ("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and the "
+                "bucket's policy" if _is_object_store(url) else "check the permissions")
+        raise SourceError(f"{redact_uri(url)}: cannot {doing}: access denied{_at_endpoint(url)}"
+                          f" ({_reason(exc)}); {hint}") from None
+    except Exception as exc:
+        kind = _classify(exc, _is_object_store(url))
+        if kind == "unreachable":
+            endpoint = _endpoint()
+            where = (f"the S3 endpoint {redact_uri(endpoint)}" if endpoint
+                     else "AWS S3" if _is_object_store(url) else "the storage")
+            raise LakeUnavailable(
+                f"{redact_uri(url)}: cannot {doing}: {where} cannot be reached; gave up "
+                f"after {S3_ATTEMPTS} attempts ({_reason(exc)})") from None
+        if kind == "credentials":
+            raise SourceError(f"{redact_uri(url)}: cannot {doing}: no S3 credentials found "
+                              f"({_reason(exc)}); set AWS_ACCESS_KEY_ID and "
+                              "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE") from None
+        if kind == "client":
+            raise SourceError(f"{redact_uri(url)}: cannot {doing}{_at_endpoint(url)} "
+                              f"({_reason(exc)})") from None
+        raise
+
+
+def _is_object_store(url: str) -> bool:
+    return fsspec.utils.get_protocol(url) in OBJECT_STORES
+
+
+def _bucket(url: str) -> str:
+    return url.split("://", 1)[-1].split("/", 1)[0]
+
+
+def _at_endpoint(url: str) -> str:
+    if not _is_object_store(url):
+        return ""
+    endpoint = _endpoint()
+    return f" (endpoint {redact_uri(endpoint)})" if endpoint else " (AWS S3)"
+
+
+def _missing_bucket(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "nosuchbucket" in text or ("bucket" in text and "not exist" in text)
+
+
+def _classify(exc: BaseException, object_store: bool) -> str | None:
+    """'unreachable', 'credentials', 'client' (another refusal by S3) or None (unknown)."""
+    import sys
+
+    if "botocore" in sys.modules:  # only S3 raises these; never import botocore for that
+        from botocore import exceptions as boto
+
+        if isinstance(exc, boto.NoCredentialsError | boto.PartialCredentialsError):
+            return "credentials"
+        if isinstance(exc, boto.ConnectionError | boto.HTTPClientError
+                      | boto.ConnectTimeoutError | boto.ReadTimeoutError):
+            return "unreachable"
+        if isinstance(exc, boto.ClientError):
+            return "client"
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return "unreachable"
+    if "aiohttp" in sys.modules:
+        import aiohttp
+
+        if isinstance(exc, aiohttp.ClientConnectionError):
+            return "unreachable"
+    if type(exc) is OSError and object_store:
+        return "client"  # s3fs's plain OSError for an S3 error answer it has no type for
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return redact_text(f"{type(exc).__name__}: {text}"[:300])
 
 
 def digest(data: bytes) -> str:
@@ -51,8 +218,10 @@ class Source:
 def read_source(url: str) -> Source:
     """Read a CSV or Parquet file from any fsspec URL; a clear SourceError otherwise."""
     try:
-        with fsspec.open(url, "rb") as f:
+        with storage_errors(url, "read it"), fsspec.open(url, "rb", **storage_options(url)) as f:
             data = f.read()
+    except TrainpipeError:
+        raise
     except FileNotFoundError:
         raise SourceError(f"{redact_uri(url)}: no such file") from None
     except IsADirectoryError:
@@ -82,17 +251,24 @@ def absolute(url: str) -> str:
 
 
 def exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
+    with storage_errors(url, "check whether it exists"):
+        fs, path = _url_to_fs(url)
+        return fs.exists(path)
 
 
 def write_file(url: str, data: bytes) -> None:
     """Write one file whole or not at all (temporary name, then move)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    _write_atomic(fs, path, data)
+    with storage_errors(url, "write it"):
+        fs, path = _url_to_fs(url)
+        _write_atomic(fs, path, data)
 
 
 def _write_atomic(fs, path: str, data: bytes) -> None:
+    if set(_protocols(fs)) & set(OBJECT_STORES):
+        # An object store's PUT is atomic: the object appears whole or not at all, and a
+        # copy-then-delete "move" would only double the traffic.
+        fs.pipe_file(path, data)
+        return
     parent = posixpath.dirname(path)
     fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
@@ -100,9 +276,16 @@ def _write_atomic(fs, path: str, data: bytes) -> None:
         with fs.open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+    except BaseException:
+        with suppress(Exception):  # best effort: the original error is the one to report
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        raise
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
 class Lake:
@@ -116,7 +299,8 @@ class Lake:
 
     def __init__(self, root: str):
         self.root = absolute(root).rstrip("/")
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+        with storage_errors(self.root, "open the lake"):
+            self.fs, self._root_path = _url_to_fs(self.root)
 
     def url(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -128,19 +312,21 @@ class Lake:
         """Publish `files` under `prefix` as one output; the manifest goes last."""
         attempt = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
         entries = {}
-        for name, data in files.items():
-            _write_atomic(self.fs, self._path(prefix, attempt, name), data)
-            entries[name] = {"path": f"{attempt}/{name}", "sha256": digest(data),
-                             "bytes": len(data)}
-        manifest = {"files": entries, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                time.gmtime()), **meta}
-        _write_atomic(self.fs, self._path(prefix, MANIFEST),
-                      json.dumps(manifest, indent=2).encode())
+        with storage_errors(self.url(prefix), "publish there"):
+            for name, data in files.items():
+                _write_atomic(self.fs, self._path(prefix, attempt, name), data)
+                entries[name] = {"path": f"{attempt}/{name}", "sha256": digest(data),
+                                 "bytes": len(data)}
+            manifest = {"files": entries, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                    time.gmtime()), **meta}
+            _write_atomic(self.fs, self._path(prefix, MANIFEST),
+                          json.dumps(manifest, indent=2).encode())
         return manifest
 
     def manifest(self, prefix: str) -> dict | None:
         try:
-            return json.loads(self.fs.cat_file(self._path(prefix, MANIFEST)))
+            with storage_errors(self.url(prefix, MANIFEST), "read it"):
+                return json.loads(self.fs.cat_file(self._path(prefix, MANIFEST)))
         except FileNotFoundError:
             return None
 
@@ -150,7 +336,9 @@ class Lake:
         if manifest is None or name not in manifest["files"]:
             raise SourceError(f"{redact_uri(self.url(prefix))}: not published yet "
                               "(run the steps before this one first)")
-        return self.fs.cat_file(self._path(prefix, manifest["files"][name]["path"]))
+        path = manifest["files"][name]["path"]
+        with storage_errors(self.url(prefix, path), "read it"):
+            return self.fs.cat_file(self._path(prefix, path))
 
     def read_parquet(self, prefix: str, name: str, manifest: dict | None = None):
         return pd.read_parquet(io.BytesIO(self.read(prefix, name, manifest)))
@@ -158,20 +346,22 @@ class Lake:
     def outputs(self, prefix: str) -> list[tuple[str, dict | None]]:
         """(sub-prefix, manifest or None) for each output folder directly under `prefix`."""
         try:
-            entries = self.fs.ls(self._path(prefix), detail=False)
+            with storage_errors(self.url(prefix), "list it"):
+                entries = self.fs.ls(self._path(prefix), detail=True)
         except FileNotFoundError:
             return []
         found = []
         for entry in entries:
-            sub = posixpath.join(prefix, posixpath.basename(entry.rstrip("/")))
-            if self.fs.isdir(entry):
+            sub = posixpath.join(prefix, posixpath.basename(entry["name"].rstrip("/")))
+            if entry.get("type") == "directory":
                 found.append((sub, self.manifest(sub)))
         return found
 
     def remove(self, prefix: str) -> None:
         """Retract an output: the manifest first (readers stop trusting it), then the rest."""
         manifest = self._path(prefix, MANIFEST)
-        if self.fs.exists(manifest):
-            self.fs.rm(manifest)
-        if self.fs.exists(self._path(prefix)):
-            self.fs.rm(self._path(prefix), recursive=True)
+        with storage_errors(self.url(prefix), "remove it"):
+            if self.fs.exists(manifest):
+                self.fs.rm(manifest)
+            if self.fs.exists(self._path(prefix)):
+                self.fs.rm(self._path(prefix), recursive=True)

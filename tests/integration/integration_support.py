@@ -1,0 +1,294 @@
+"""Helpers for the integration tests: the services they start, runs, S3 and SQL checks."""
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from trainpipe import demo, stack
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ADMIN_URI = os.environ.get("TRAINPIPE_TEST_POSTGRES",
+                           "postgresql://postgres@127.0.0.1:5432/postgres")
+LAKE_BUCKET = "trainpipe-lake"
+ARTIFACTS_BUCKET = "trainpipe-artifacts"
+FAST = ["model.params.n_estimators=20"]  # small forests keep end-to-end runs quick
+# Distinctive secrets: the redaction tests grep everything they can reach for these.
+PG_PASSWORD = f"pgpw-{uuid.uuid4().hex}"
+AWS_SECRET = f"awssecret-{uuid.uuid4().hex}"
+AWS_KEY_ID = "AKIATRAINPIPETESTKEY"
+
+
+def unavailable(reason: str):
+    """A service the tests need is missing: a failure in CI, a skip elsewhere."""
+    if IN_CI:
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------------------------ S3
+
+
+@dataclass
+class Moto:
+    endpoint: str
+    proc: subprocess.Popen
+    log: Path
+
+    def client(self, key: str = AWS_KEY_ID, secret: str = AWS_SECRET):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=key, aws_secret_access_key=secret)
+
+
+def start_moto(log: Path, extra_env: dict | None = None) -> Moto:
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+        unavailable("moto[server] is not installed (pip install -e '.[dev]')")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | (extra_env or {})
+    out = open(log, "wb")  # noqa: SIM115 - open while the server runs
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=out, stderr=subprocess.STDOUT, env=env,
+                            stdin=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    if not wait_for_http(endpoint + "/moto-api/", 30, proc):
+        stop(proc)
+        unavailable(f"the moto server did not start: {log.read_text()[-2000:]}")
+    return Moto(endpoint, proc, log)
+
+
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+
+
+@dataclass
+class Database:
+    name: str
+    role: str
+    uri: str  # with the role's password: what a user passes as --backend-store-uri
+    admin_uri: str  # the admin connection to this database (for SQL checks)
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        import psycopg2
+
+        conn = psycopg2.connect(self.admin_uri, connect_timeout=5)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def dump(self) -> str:
+        """Every row of every table, as text: what the secrets test greps."""
+        tables = [t for (t,) in self.query(
+            "select table_name from information_schema.tables "
+            "where table_schema = 'public' and table_type = 'BASE TABLE'")]
+        return "\n".join(str(row) for t in tables
+                         for row in self.query(f'select t::text from "{t}" t'))
+
+
+def admin_connect(dbname: str = "postgres"):
+    import psycopg2
+
+    base = ADMIN_URI.rsplit("/", 1)[0]
+    try:
+        conn = psycopg2.connect(f"{base}/{dbname}", connect_timeout=5)
+    except psycopg2.OperationalError as exc:
+        unavailable(f"PostgreSQL is not reachable at {ADMIN_URI} ({' '.join(str(exc).split())})")
+    conn.autocommit = True
+    return conn
+
+
+
+
+# -------------------------------------------------------------------------------- MLflow
+
+
+
+
+# --------------------------------------------------------------------------------- runs
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without MLflow's, AWS's and PostgreSQL's variables."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("MLFLOW_", "AWS_", "PG", "TRAINPIPE_"))}
+
+
+def run_env(server: stack.StackInfo, aws_env: dict, **extra: str) -> dict[str, str]:
+    """The environment of a user who ran `stack up` and points at the S3 endpoint."""
+    return clean_env() | aws_env | server.env | {"COLUMNS": "200"} | extra
+
+
+def trainpipe(*args: str, cwd: Path, env: dict, timeout: float = 300,
+              ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainpipe", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def start_trainpipe(*args: str, cwd: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainpipe", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+
+
+def upload_demo(moto: Moto, root: str, rows: int = 3000) -> str:
+    """Demo hotel data in the raw zone of the lake at s3://LAKE_BUCKET/<root>."""
+    key = f"{root}/raw/hotel_bookings/train.csv"
+    body = demo.hotel_bookings(rows=rows, seed=1).to_csv(index=False).encode()
+    moto.client().put_object(Bucket=LAKE_BUCKET, Key=key, Body=body)
+    return f"s3://{LAKE_BUCKET}/{key}"
+
+
+def s3_keys(moto: Moto, bucket: str, prefix: str = "") -> list[str]:
+    s3 = moto.client()
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+def s3_read(moto: Moto, bucket: str, key: str) -> bytes:
+    return moto.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def check_manifests(moto: Moto, root: str) -> list[str]:
+    """Every manifest under the lake root names files that exist with its digests."""
+    keys = set(s3_keys(moto, LAKE_BUCKET, root + "/"))
+    manifests = sorted(k for k in keys if k.endswith("/manifest.json"))
+    for key in manifests:
+        manifest = json.loads(s3_read(moto, LAKE_BUCKET, key))
+        prefix = key.rsplit("/", 1)[0]
+        for name, entry in manifest["files"].items():
+            path = f"{prefix}/{entry['path']}"
+            assert path in keys, f"{key} names {name} at {path}, which is missing"
+            data = s3_read(moto, LAKE_BUCKET, path)
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{path} changed"
+    return manifests
+
+
+def runs_of(database: Database, experiment: str) -> list[dict]:
+    rows = database.query(
+        "select r.run_uuid, r.status, r.name from runs r join experiments e "
+        "on r.experiment_id = e.experiment_id where e.name = %s", (experiment,))
+    runs = []
+    for run_id, status, name in rows:
+        tags = dict(database.query("select key, value from tags where run_uuid = %s",
+                                   (run_id,)))
+        runs.append({"run_id": run_id, "status": status, "name": name, "tags": tags})
+    return runs
+
+
+# ------------------------------------------------------------------------------- faults
+
+
+class TcpProxy:
+    """A TCP relay to the S3 endpoint that can vanish mid-run, like an endpoint that goes
+    away (the S3 server behind it keeps its data, for checking the lake afterwards)."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                if self.closed:
+                    client.close()
+                    upstream.close()
+                    return
+                self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        """From now on: connection refused; open connections are cut."""
+        with self.lock:
+            self.closed = True
+            self.listener.close()
+            for s in self.sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+
+def make_reachable_folder(prefix: str) -> Path:
+    """A temporary folder the user `postgres` can reach (pytest's are private to root)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    folder.chmod(0o755)
+    return folder
+
+
+def remove_folder(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
