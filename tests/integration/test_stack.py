@@ -1,0 +1,161 @@
+"""trainpipe.stack: up / status / down, with a PostgreSQL cluster of the stack's own and on
+an existing server. (The `trainpipe stack ...` commands call these functions.)"""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import mlflow
+import psycopg2
+import pytest
+from integration_support import (
+    ARTIFACTS_BUCKET,
+    clean_env,
+    free_port,
+    make_reachable_folder,
+    remove_folder,
+    unavailable,
+)
+
+from trainpipe import stack
+from trainpipe.errors import ConfigError
+
+
+def by_name(services) -> dict[str, stack.ServiceStatus]:
+    return {s.name: s for s in services}
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.fixture
+def own_folder():
+    """A stack folder the user `postgres` can reach when the tests run as root."""
+    if not (shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))):
+        unavailable("initdb is not installed: the stack cannot run a PostgreSQL of its own")
+    folder = make_reachable_folder("trainpipe-stack-test-")
+    yield folder / "stack"
+    stack.down(folder / "stack")
+    remove_folder(folder)
+
+
+@pytest.mark.slow
+def test_own_cluster_up_status_down_up(own_folder):
+    info = stack.up(own_folder, port=0, env=clean_env())
+    assert info.started == ["postgresql", "mlflow"] and info.reused == []
+    assert info.tracking_uri.startswith("http://127.0.0.1:")
+    assert info.env == {"MLFLOW_TRACKING_URI": info.tracking_uri}
+    assert info.artifacts_destination == str(own_folder / "artifacts")
+    services = by_name(info.services)
+    pg, ml = services["postgresql"], services["mlflow"]
+    assert pg.managed and pg.running and pg.healthy and pg.pid
+    assert ml.managed and ml.running and ml.healthy and ml.pid
+    assert info.backend_store_uri == f"postgresql+psycopg2://postgres@127.0.0.1:{pg.port}/mlflow"
+    if os.geteuid() == 0:  # PostgreSQL never runs as root
+        assert (own_folder / "postgres" / "data").stat().st_uid != 0
+    print(f"stack up from nothing to healthy: {info.seconds:.1f} s")
+
+    # idempotent: a second `up` reuses both, same processes
+    again = stack.up(own_folder, env=clean_env())
+    assert again.started == [] and again.reused == ["postgresql", "mlflow"]
+    assert by_name(again.services)["mlflow"].pid == ml.pid
+    assert again.seconds < 5
+
+    # it works: a run with a param and an artifact
+    mlflow.set_tracking_uri(info.tracking_uri)
+    experiment = mlflow.create_experiment("survives")
+    with mlflow.start_run(experiment_id=experiment) as run:
+        mlflow.log_param("answer", 42)
+        mlflow.log_text("kept", "note.txt")
+
+    # down stops exactly what up started
+    stopped = stack.down(own_folder)
+    assert stopped == [f"mlflow server (pid {ml.pid}, port {ml.port})",
+                       f"postgresql (pid {pg.pid}, port {pg.port})"]
+    assert gone(ml.pid) and gone(pg.pid)
+    after = by_name(stack.status(own_folder))
+    assert not after["mlflow"].running and not after["postgresql"].running
+    assert stack.down(own_folder) == []  # nothing left to stop
+
+    # data survives down/up: same URI, same run, same artifact
+    back = stack.up(own_folder, env=clean_env())
+    assert back.started == ["postgresql", "mlflow"] and back.tracking_uri == info.tracking_uri
+    mlflow.set_tracking_uri(back.tracking_uri)
+    assert mlflow.get_run(run.info.run_id).data.params == {"answer": "42"}
+    assert mlflow.artifacts.load_text(f"{run.info.artifact_uri}/note.txt") == "kept"
+
+
+def test_stack_on_an_external_postgres_never_stops_it(server, database, aws_env, tmp_path):
+    """A second stack on the session's database (another port): `down` stops its MLflow
+    server only; PostgreSQL and the session's server go on."""
+    folder = tmp_path / "second"
+    info = stack.up(folder, port=0, backend_store_uri=database.uri,
+                    artifacts_destination=f"s3://{ARTIFACTS_BUCKET}/second",
+                    env=clean_env() | aws_env)
+    try:
+        pg = by_name(info.services)["postgresql"]
+        assert not pg.managed and pg.pid is None and pg.healthy
+        assert pg.address == database.uri.replace(database.uri.split(":")[2].split("@")[0],
+                                                  "***").replace("postgresql://",
+                                                                 "postgresql+psycopg2://")
+        # `up` again without the URI: the running server is reused (no password needed)
+        assert stack.up(folder, env=clean_env() | aws_env).reused == ["mlflow"]
+    finally:
+        stopped = stack.down(folder)
+    assert len(stopped) == 1 and stopped[0].startswith("mlflow server")
+    psycopg2.connect(database.admin_uri, connect_timeout=5).close()
+    assert by_name(stack.status(server.folder))["mlflow"].healthy
+
+
+def test_up_refuses_what_contradicts_the_running_stack(server):
+    running = by_name(stack.status(server.folder))["mlflow"]
+    other = free_port()
+    with pytest.raises(stack.StackError, match=rf"already runs .* with port {running.port}, "
+                       rf"not {other}: run `trainpipe stack down` first"):
+        stack.up(server.folder, port=other)
+    with pytest.raises(stack.StackError, match="with artifacts s3://"):
+        stack.up(server.folder, artifacts_destination="/tmp/elsewhere")
+
+
+def test_port_in_use_is_named(tmp_path, database, aws_env):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(stack.StackError, match=f"port {port} on 127.0.0.1 is already in "
+                           "use by another program; pass --port"):
+            stack.up(tmp_path / "s", port=port, backend_store_uri=database.uri,
+                     env=clean_env() | aws_env)
+        assert time.monotonic() - start < 10
+
+
+def test_missing_artifacts_bucket_is_named(tmp_path, database, aws_env):
+    with pytest.raises(stack.StackError, match="the bucket 'nope-bucket' does not exist"):
+        stack.up(tmp_path / "s", port=0, backend_store_uri=database.uri,
+                 artifacts_destination="s3://nope-bucket/x", env=clean_env() | aws_env)
+    assert not any(s.running for s in stack.status(tmp_path / "s") if s.managed)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"port": 70000}, "--port 70000: must be between 1 and 65535"),
+    ({"backend_store_uri": "mysql://u:secret@h/db"},
+     r"--backend-store-uri mysql://u:\*\*\*@h/db: not a PostgreSQL URI"),
+    ({"artifacts_destination": "gs://b/x"}, "--artifacts-destination gs://b/x: expected s3://"),
+    ({"workers": 0}, "--workers 0: must be 1 or more"),
+])
+def test_argument_errors(tmp_path, kwargs, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        stack.up(tmp_path / "s", **kwargs)
+    assert caught.value.exit_code == 2 and "secret" not in str(caught.value)
+
+
+def test_no_stack_no_status(tmp_path):
+    assert stack.status(tmp_path / "nothing") == []
+    assert stack.down(tmp_path / "nothing") == []
