@@ -106,11 +106,12 @@ def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
             if steps[0].name == "ingest":
                 _ensure_demo_data(cfg, on_notice)
             tracking = Tracking(cfg)
-            warm_up()
             sources = ingest.read_sources(cfg)
             catalog = Catalog(cfg, lake.Lake(cfg.lake.root), tracking, sources,
                               fingerprints(cfg, sources))
             cached = _cached(catalog, steps, force)
+            if any(cached.get(s) is None for s in ("train", "evaluate")):
+                warm_up()  # only when a model will be logged or plots drawn
             with tracking.pipeline_run(cfg, overrides, [s.name for s in steps]) as parent:
                 result.run_id = parent
                 tracking.log_sources(parent, cfg, sources)

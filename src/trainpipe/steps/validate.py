@@ -59,7 +59,9 @@ def _check(dataset: DictConfig, checks: DictConfig, table: RawTable, with_target
         schema.columns[dataset.id_column].unique = True
     failures = _whole_numbers(dataset, df, source)
     try:
-        out = schema.validate(df, lazy=True)
+        # inplace: coerce the raw frame rather than copy it (nothing reads it afterwards;
+        # a copy is as big as the data)
+        out = schema.validate(df, lazy=True, inplace=True)
     except pe.SchemaErrors as exc:
         out = None
         failures += _failures_from(source, exc.failure_cases)
