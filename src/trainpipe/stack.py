@@ -252,14 +252,22 @@ def _check_matches(running: dict, port, backend_store_uri, artifacts_destination
 def _ensure_postgres(folder: Path, state: dict, backend_store_uri: str | None,
                      env: dict, started: list, reused: list) -> str:
     """The backend store URI to give MLflow (with its password, if any: never stored)."""
+    pg = state.get("postgresql") or {}
     if backend_store_uri is None:
-        pg = state.get("postgresql")
         if pg and not pg.get("managed"):
-            # The stack ran on an external server: its URI (and password) are not kept.
+            if "***" not in pg["uri"]:  # no password in it (PGPASSWORD, ~/.pgpass): reuse
+                _check_postgres(pg["uri"], create_database=True)
+                return pg["uri"]
             raise StackError(
-                f"the stack in {folder} used the PostgreSQL at {pg['uri']}; pass "
-                "--backend-store-uri again (its password is never stored)")
+                f"the stack in {folder} runs on the PostgreSQL at {pg['uri']}, whose password "
+                "is never stored: pass --backend-store-uri again (or keep the password in "
+                "PGPASSWORD or ~/.pgpass, out of the URI)")
         return _ensure_own_cluster(folder, state, env, started, reused)
+    if pg.get("managed") and pg.get("pid") and _alive(pg["pid"], pg.get("started")):
+        raise StackError(
+            f"the stack in {folder} runs a PostgreSQL of its own (pid {pg['pid']}, port "
+            f"{pg['port']}): run `trainpipe stack down` before switching to "
+            "--backend-store-uri, or use another --folder")
     uri = _normalise_pg(backend_store_uri)
     _check_postgres(uri, create_database=True)
     parts = urlsplit(uri)

@@ -3,6 +3,7 @@ an existing server. (The `trainpipe stack ...` commands call these functions.)""
 
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def own_folder():
 
 
 @pytest.mark.slow
-def test_own_cluster_up_status_down_up(own_folder):
+def test_own_cluster_up_status_down_up(own_folder, database):
     info = stack.up(own_folder, port=0, env=clean_env())
     assert info.started == ["postgresql", "mlflow"] and info.reused == []
     assert info.tracking_uri.startswith("http://127.0.0.1:")
@@ -89,6 +90,20 @@ def test_own_cluster_up_status_down_up(own_folder):
     mlflow.set_tracking_uri(back.tracking_uri)
     assert mlflow.get_run(run.info.run_id).data.params == {"answer": "42"}
     assert mlflow.artifacts.load_text(f"{run.info.artifact_uri}/note.txt") == "kept"
+
+    # another backend while this one runs: `down` first
+    with pytest.raises(stack.StackError, match=r"already runs \(pid \d+\) with backend "
+                       r"postgresql\+psycopg2://postgres@.*, not postgresql\+psycopg2://"
+                       r"trainpipe_test_\w+:\*\*\*@.*: run `trainpipe stack down` first"):
+        stack.up(own_folder, backend_store_uri=database.uri, env=clean_env())
+    # the server died, its own PostgreSQL runs on: switching backend still needs `down`
+    server_pid = by_name(stack.status(own_folder))["mlflow"].pid
+    os.killpg(server_pid, signal.SIGTERM)
+    os.waitpid(server_pid, 0)
+    with pytest.raises(stack.StackError, match="runs a PostgreSQL of its own .* run `trainpipe "
+                       "stack down` before switching to --backend-store-uri"):
+        stack.up(own_folder, backend_store_uri=database.uri, env=clean_env())
+    assert by_name(stack.status(own_folder))["postgresql"].healthy
 
 
 def test_stack_on_an_external_postgres_never_stops_it(server, database, aws_env, tmp_path):
