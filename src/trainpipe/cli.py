@@ -19,6 +19,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Raw tabular data in a lake to a validated, tracked model.")
 data_app = typer.Typer(no_args_is_help=True, help="Data helpers.")
 app.add_typer(data_app, name="data")
+stack_app = typer.Typer(no_args_is_help=True, help="The local production-like stack: "
+                        "PostgreSQL + MLflow tracking server (artifacts to S3 or a folder).")
+app.add_typer(stack_app, name="stack")
+StackFolder = Annotated[str, typer.Option("--folder", help="Where the stack keeps its state "
+                                          "and data.")]
 out = Console()
 err = Console(stderr=True)
 
@@ -111,6 +116,70 @@ def data_demo(rows: Annotated[int, typer.Option(help="Number of rows.")] = 20_00
     df = demo.hotel_bookings(rows=rows, seed=seed)
     lake.write_file(out_url, df.to_csv(index=False).encode())
     out.print(f"wrote {len(df):,} rows to {out_url}")
+
+
+@stack_app.command("up")
+def stack_up(folder: StackFolder = ".trainpipe/stack",
+             port: Annotated[int | None, typer.Option(help="MLflow server port (default "
+                                                      "5000; 0: any free port).")] = None,
+             backend_store_uri: Annotated[str | None, typer.Option(
+                 "--backend-store-uri", help="An existing PostgreSQL; default: a cluster "
+                 "of the stack's own.")] = None,
+             artifacts_destination: Annotated[str | None, typer.Option(
+                 "--artifacts-destination", help="s3://bucket/prefix or a folder; default: "
+                 "<folder>/artifacts.")] = None,
+             verbose: Verbose = False) -> None:
+    """Start what is missing, health-check it, print the tracking URI and what to export."""
+    from trainpipe import stack
+
+    try:
+        info = stack.up(folder, port, backend_store_uri, artifacts_destination)
+    except TrainpipeError as exc:
+        _fail(exc, verbose)
+    _print_services(info.services)
+    out.print(f"started: {', '.join(info.started) or 'nothing'}; reused: "
+              f"{', '.join(info.reused) or 'nothing'} ({info.seconds:.1f}s)")
+    out.print(f"tracking URI  {info.tracking_uri}", highlight=False)
+    out.print(f"backend store {redact_text(info.backend_store_uri)}", highlight=False)
+    out.print(f"artifacts     {redact_text(info.artifacts_destination)}", highlight=False)
+    out.print("export before `trainpipe run tracking=server`:")
+    for name, value in info.env.items():
+        out.print(f"  export {name}={value}", highlight=False, soft_wrap=True)
+
+
+@stack_app.command("status")
+def stack_status(folder: StackFolder = ".trainpipe/stack") -> None:
+    """Each part of the stack: pid, port, health. Exit 1 when a part is not healthy."""
+    from trainpipe import stack
+
+    services = stack.status(folder)
+    if not services:
+        out.print(f"no stack in {folder} (start one with `trainpipe stack up`)")
+        raise typer.Exit(1)
+    _print_services(services)
+    if not all(s.healthy for s in services):
+        raise typer.Exit(1)
+
+
+@stack_app.command("down")
+def stack_down(folder: StackFolder = ".trainpipe/stack") -> None:
+    """Stop what `stack up` started, and nothing else; the data stays for the next `up`."""
+    from trainpipe import stack
+
+    stopped = stack.down(folder)
+    for line in stopped:
+        out.print(f"stopped {line}", highlight=False)
+    if not stopped:
+        out.print("nothing to stop")
+
+
+def _print_services(services) -> None:
+    for s in services:
+        mark = "[green]✓[/]" if s.healthy else "[red]✗[/]"
+        owner = "started by stack up" if s.managed else "external"
+        out.print(f"  {mark} {s.name:<10} pid {s.pid or '-'}  port {s.port or '-'}  ({owner})",
+                  highlight=False)
+        out.print(f"      {redact_text(s.detail)}", highlight=False, soft_wrap=True)
 
 
 def _execute(span, overrides, multirun, print_cfg, config_dir, verbose, force) -> None:

@@ -1,0 +1,42 @@
+"""`trainpipe stack up | status | down` from the command line, with a cluster of its own."""
+
+import os
+import shutil
+
+import pytest
+from integration_support import make_reachable_folder, remove_folder
+
+from tests.conftest import trainpipe
+
+
+def test_stack_commands(tmp_path, own_folder_or_skip):
+    folder = own_folder_or_skip
+    up = trainpipe("stack", "up", "--folder", str(folder), "--port", "0", cwd=tmp_path)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "started: postgresql, mlflow" in up.stdout
+        assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:" in up.stdout
+        again = trainpipe("stack", "up", "--folder", str(folder), cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert "reused: " in again.stdout and "started: nothing" in again.stdout
+        status = trainpipe("stack", "status", "--folder", str(folder), cwd=tmp_path)
+        assert status.returncode == 0
+        assert "✓ postgresql" in status.stdout and "✓ mlflow" in status.stdout
+    finally:
+        down = trainpipe("stack", "down", "--folder", str(folder), cwd=tmp_path)
+    assert down.returncode == 0
+    assert "stopped mlflow server" in down.stdout and "stopped postgresql" in down.stdout
+    status = trainpipe("stack", "status", "--folder", str(folder), cwd=tmp_path)
+    assert status.returncode == 1 and "✗ mlflow" in status.stdout
+
+
+@pytest.fixture
+def own_folder_or_skip():
+    """A stack folder the user `postgres` can reach (tests run as root)."""
+    if shutil.which("initdb") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("initdb is missing: the stack's own cluster cannot be tested")
+        pytest.skip("initdb is not installed")
+    folder = make_reachable_folder("trainpipe-stack-cli-")
+    yield folder / "stack"
+    remove_folder(folder)
