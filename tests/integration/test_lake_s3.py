@@ -81,3 +81,22 @@ def test_production_config_groups(monkeypatch):
     monkeypatch.delenv("TRAINPIPE_LAKE_ROOT")
     with pytest.raises(ConfigError, match="TRAINPIPE_LAKE_ROOT"):
         config.compose(["lake=s3"])
+
+
+def test_clean_and_inspect_work_on_s3(s3_env, moto):
+    """`trainpipe clean` lists and retracts outputs on S3 like in a folder."""
+    from trainpipe import housekeeping
+    from trainpipe.catalog import output_base
+
+    root = f"s3://{LAKE_BUCKET}/clean"
+    cfg = config.compose(["lake=s3", f"lake.root={root}"])
+    store = Lake(root)
+    base = output_base(cfg.dataset.name, "split")
+    store.publish(f"{base}/old", {"train.parquet": b"1"}, run_id="r1")
+    time.sleep(1.1)  # manifests are ordered by their creation second
+    store.publish(f"{base}/new", {"train.parquet": b"2"}, run_id="r2")
+    assert sorted(p for p, m in store.outputs(base) if m) == [f"{base}/new", f"{base}/old"]
+    assert housekeeping.clean(cfg, "split", keep=1) == [f"{root}/{base}/old"]
+    assert [p for p, _ in store.outputs(base)] == [f"{base}/new"]
+    assert not [k for k in moto.client().list_objects_v2(
+        Bucket=LAKE_BUCKET, Prefix=f"clean/{base}/old/").get("Contents", [])]
