@@ -83,7 +83,7 @@ def test_production_config_groups(monkeypatch):
         config.compose(["lake=s3"])
 
 
-def test_clean_and_inspect_work_on_s3(s3_env, moto):
+def test_clean_works_on_s3(s3_env, moto):
     """`trainpipe clean` lists and retracts outputs on S3 like in a folder."""
     from trainpipe import housekeeping
     from trainpipe.catalog import output_base
