@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -317,8 +318,9 @@ class Lake:
                 _write_atomic(self.fs, self._path(prefix, attempt, name), data)
                 entries[name] = {"path": f"{attempt}/{name}", "sha256": digest(data),
                                  "bytes": len(data)}
-            manifest = {"files": entries, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                    time.gmtime()), **meta}
+            # microseconds: `clean` orders outputs by this, and runs can finish in one second
+            created = datetime.now(UTC).isoformat(timespec="microseconds")
+            manifest = {"files": entries, "created": created, **meta}
             _write_atomic(self.fs, self._path(prefix, MANIFEST),
                           json.dumps(manifest, indent=2).encode())
         return manifest
