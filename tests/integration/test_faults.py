@@ -28,11 +28,13 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-@pytest.mark.xfail(reason="needs tracking.py: Tracking() checks an http(s) server first "
-                   "(stack.check_tracking_server) and pipeline.py: Tracking(cfg) before the "
-                   "demo data; until then MLflow retries for minutes", strict=False)
+@pytest.mark.xfail(reason="needs tracking.ui_hint to redact http(s) URIs (the summary's "
+                   "'browse open <uri>' line shows the password) and pipeline.run to create "
+                   "Tracking(cfg) before _ensure_demo_data (demo data is written first)",
+                   strict=False)
 def test_tracking_server_unreachable_fails_fast(server, moto, aws_env, tmp_path):
-    upload_demo(moto, "unreachable")
+    """No data in the lake's raw zone yet: the run fails on the server before any work,
+    the demo data included."""
     uri = f"http://alice:{PG_PASSWORD}@127.0.0.1:{free_port()}"
     start = time.monotonic()
     result = trainpipe("run", "tracking=server", f"tracking.uri={uri}", "lake=s3",
@@ -45,9 +47,7 @@ def test_tracking_server_unreachable_fails_fast(server, moto, aws_env, tmp_path)
     assert f"http://alice:***@127.0.0.1:{uri.rsplit(':', 1)[1]}" in err
     assert "cannot be reached" in err
     assert PG_PASSWORD not in result.stdout + result.stderr
-    # before any work: nothing was written to the lake
-    assert s3_keys(moto, LAKE_BUCKET, "unreachable/") == [
-        "unreachable/raw/hotel_bookings/train.csv"]
+    assert s3_keys(moto, LAKE_BUCKET, "unreachable/") == []  # before any work
 
 
 def test_check_tracking_server(server):
