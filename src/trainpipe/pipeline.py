@@ -103,9 +103,9 @@ def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
     result = RunResult([StepResult(s.name) for s in steps])
     try:
         with _sigterm_interrupts():
+            tracking = Tracking(cfg)  # first: an unreachable server stops us before any work
             if steps[0].name == "ingest":
                 _ensure_demo_data(cfg, on_notice)
-            tracking = Tracking(cfg)
             sources = ingest.read_sources(cfg)
             catalog = Catalog(cfg, lake.Lake(cfg.lake.root), tracking, sources,
                               fingerprints(cfg, sources))

@@ -57,7 +57,7 @@ def normalise_uri(uri: str) -> str:
 
 def ui_hint(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
+        return f"open {redact_uri(uri)}"
     return f"mlflow ui --backend-store-uri {redact_uri(uri)}"
 
 
@@ -69,6 +69,11 @@ class Tracking:
 
         check_tracking_server(self.uri)  # fail fast (not after MLflow's minutes of retries)
         quiet_mlflow()
+        # MLflow prints "View run ... at <tracking URI>" (password included) per run
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        if self.uri.startswith(("http://", "https://")):  # bound MLflow's minutes of retries
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
 

@@ -28,10 +28,6 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-@pytest.mark.xfail(reason="needs tracking.ui_hint to redact http(s) URIs (the summary's "
-                   "'browse open <uri>' line shows the password) and pipeline.run to create "
-                   "Tracking(cfg) before _ensure_demo_data (demo data is written first)",
-                   strict=False)
 def test_tracking_server_unreachable_fails_fast(server, moto, aws_env, tmp_path):
     """No data in the lake's raw zone yet: the run fails on the server before any work,
     the demo data included."""

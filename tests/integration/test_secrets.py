@@ -105,9 +105,6 @@ def test_no_secret_reaches_anything(server, database, moto, aws_env, tmp_path):
     assert not found, found
 
 
-@pytest.mark.xfail(reason="needs tracking.py: ui_hint to redact http(s) URIs (the summary's "
-                   "'browse open <uri>' line) and MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT (MLflow "
-                   "prints 'View run ... at <uri>' after each run)", strict=False)
 def test_password_in_a_tracking_server_uri_is_never_shown(server, moto, aws_env, tmp_path):
     """http://user:password@host: MLflow sends it as basic auth; trainpipe never shows it."""
     upload_demo(moto, "userinfo")
