@@ -21,7 +21,6 @@ Target: median cached/full ratio <= 0.10.
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -33,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hotel_data import DEFAULT_DATA, WORK, rows, scaled_copy
+from hotel_data import DEFAULT_DATA, WORK, git_state, machine, rows, scaled_copy
 
 SCRATCH = WORK / "cache"
 STEPS = ("ingest", "validate", "split", "features", "train", "evaluate")
@@ -228,13 +227,10 @@ def store_open(repeats: int = 3) -> dict[str, float]:
 
 
 def code_under_test() -> dict[str, str]:
-    def out(cmd: list[str]) -> str:
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=WORK).stdout.strip()
-
+    """Which trainpipe the runs import, and the repo's commit and uncommitted src/ edits."""
     return {"trainpipe": timed([sys.executable, "-c",
                                 "import trainpipe; print(trainpipe.__file__)"])[1].strip(),
-            "git_commit": out(["git", "rev-parse", "--short", "HEAD"]),
-            "src_changes": out(["git", "status", "--porcelain", "--", "../../src"])}
+            **git_state()}
 
 
 def median_of(dicts: list[dict[str, float]]) -> dict[str, float]:
@@ -362,9 +358,7 @@ def main() -> None:
                           "full_seconds": full, "cached_seconds": cached,
                           "full_steps": full_steps_big, "cached_steps": cached_steps_big,
                           "phases": phases(big, warm_up=True)}
-    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version(), "loadavg_start": load_start,
-                          "loadavg_end": os.getloadavg()}
+    results["machine"] = machine(load_start)
     (WORK / "cache.json").write_text(json.dumps(results, indent=2))
     print(report(results))
     print(f"\nraw numbers: {WORK / 'cache.json'}")

@@ -1,10 +1,14 @@
-"""The benchmarks' data: the shared hotel file, and scaled copies of it made in bench/work/.
+"""What the benchmarks share: the hotel data (the shared file, and scaled copies of it made in
+bench/work/), and the record of where and on what code they ran.
 
 The shared file is read where it is (never copied into the repo). A scaled copy repeats
 its rows `factor` times, with the id column renumbered 0..N-1 so ids stay unique (the
 shared ids are 0..42,099, so the first copy keeps them as they are).
 """
 
+import os
+import platform
+import subprocess
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -33,3 +37,19 @@ def rows(path: Path) -> int:
     """Data rows of a CSV file (lines minus the header)."""
     with path.open("rb") as f:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")) - 1
+
+
+def git_state() -> dict[str, str]:
+    """The repo's commit and its uncommitted src/ edits (empty when there are none)."""
+    def out(*cmd: str) -> str:
+        return subprocess.run(cmd, capture_output=True, text=True,
+                              cwd=BENCH.parent).stdout.strip()
+
+    return {"git_commit": out("git", "rev-parse", "--short", "HEAD"),
+            "src_changes": out("git", "status", "--porcelain", "--", "src")}
+
+
+def machine(load_start: tuple[float, float, float]) -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg()}

@@ -16,7 +16,6 @@ Target: median trainpipe/bare ratio <= 1.3.
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -26,6 +25,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from hotel_data import git_state, machine
 
 BENCH = Path(__file__).resolve().parent
 WORK = BENCH / "work"
@@ -75,13 +76,9 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 def code_under_test() -> dict[str, str]:
     """Which trainpipe the runs import, and the repo's commit and uncommitted src/ edits."""
-    def out(cmd: list[str]) -> str:
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=BENCH).stdout.strip()
-
     return {"trainpipe": timed([sys.executable, "-c",
                                 "import trainpipe; print(trainpipe.__file__)"])[1].strip(),
-            "git_commit": out(["git", "rev-parse", "--short", "HEAD"]),
-            "src_changes": out(["git", "status", "--porcelain", "--", "../src"])}
+            **git_state()}
 
 
 def step_seconds(stdout: str) -> dict[str, float]:
@@ -205,9 +202,7 @@ def main() -> None:
 
     results = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "machine": machine(load_start),
         "command": " ".join(trainpipe_cmd(data, "random_forest")),
         "data": str(data),
         "code": code,

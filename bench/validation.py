@@ -18,7 +18,6 @@ Targets: scaling factor (time ratio / row ratio) <= 1; validate < 5% of a full r
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -29,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hotel_data import DEFAULT_DATA, WORK, scaled_copy
+from hotel_data import DEFAULT_DATA, WORK, git_state, machine, scaled_copy
 
 SCRATCH = WORK / "validation"
 TARGET_SHARE = 0.05
@@ -193,14 +192,11 @@ def main() -> None:
 
     shutil.rmtree(SCRATCH, ignore_errors=True)
     SCRATCH.mkdir(parents=True)
-    git = [["git", "rev-parse", "--short", "HEAD"], ["git", "status", "--porcelain", "--", "src"]]
-    head, changes = (subprocess.run(c, capture_output=True, text=True, cwd=WORK.parent.parent)
-                     .stdout.strip() for c in git)
     load_start = os.getloadavg()
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "data": str(data),
-        "code": {"git_commit": head, "src_changes": changes, "trainpipe": timed(
+        "code": {**git_state(), "trainpipe": timed(
             [sys.executable, "-c", "import trainpipe; print(trainpipe.__file__)"])[1].strip()},
         "repeats": args.repeats, "big_repeats": args.big_repeats,
         "small_runs": measure(data, args.repeats)}
@@ -211,9 +207,7 @@ def main() -> None:
         results["big_runs"] = measure(big, args.big_repeats)
         results["big"] = summary(results["big_runs"])
     results["full_runs"] = full_runs(data, 3)
-    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version(), "loadavg_start": load_start,
-                          "loadavg_end": os.getloadavg()}
+    results["machine"] = machine(load_start)
     (WORK / "validation.json").write_text(json.dumps(results, indent=2))
     print(report(results))
     print(f"\nraw numbers: {WORK / 'validation.json'}")
