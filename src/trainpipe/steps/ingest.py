@@ -49,10 +49,6 @@ def to_table(source: Source) -> RawTable:
                     source.format)
 
 
-def read_table(url: str) -> RawTable:
-    return to_table(read_source(url))
-
-
 def _parse(source: Source) -> pd.DataFrame:
     name = redact_uri(absolute(source.url))
     if source.format == "parquet":
