@@ -154,16 +154,37 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 120) -> No
     raise AssertionError(f"process ended before {text!r}: {proc.stderr.read()}")
 
 
-def wait_for_publishing(folder: Path, zone: str, timeout: float = 120) -> None:
-    """Until a features attempt folder exists whose output has no manifest yet."""
-    deadline = time.monotonic() + timeout
-    base = folder / "lake" / zone
-    while time.monotonic() < deadline:
-        for attempt in base.glob("*/*/*/*"):
-            if attempt.is_dir() and not (attempt.parent / "manifest.json").exists():
-                return
-        time.sleep(0.002)
-    raise AssertionError("never saw a publish in progress")
+# Runs trainpipe with one change: after the first features file is written (and before its
+# manifest), the process says so in a marker file and waits to be killed. Polling the lake
+# for that moment missed it on a fast machine; this hits it every time.
+PAUSE_WHILE_PUBLISHING = """
+import sys, time
+from pathlib import Path
+import trainpipe.lake as lake
+write = lake._write_atomic
+def write_then_pause(fs, path, data):
+    write(fs, path, data)
+    if "/features/" in path and not path.endswith("manifest.json"):
+        Path("publishing").touch()
+        time.sleep(3600)
+lake._write_atomic = write_then_pause
+from trainpipe.cli import main
+sys.argv[0] = "trainpipe"
+main()
+"""
+
+
+def start_paused_while_publishing(folder: Path, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_WHILE_PUBLISHING, "run", *args],
+                            cwd=folder, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (folder / "publishing").exists():
+        assert proc.poll() is None, f"ended before publishing features: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "never reached the features publish"
+        time.sleep(0.05)
+    return proc
 
 
 @pytest.fixture
@@ -178,10 +199,10 @@ def big_demo(workdir) -> Path:
 def test_kill_9_then_resume(big_demo, moment):
     folder = big_demo
     args = ["model.params.n_estimators=40", "model.params.n_jobs=1"]
-    proc = start(folder, *args)
     if moment == "publishing":
-        wait_for_publishing(folder, "features")
+        proc = start_paused_while_publishing(folder, *args)
     else:
+        proc = start(folder, *args)
         wait_for_line(proc, f"▶ {moment}")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -193,6 +214,9 @@ def test_kill_9_then_resume(big_demo, moment):
     assert "train" not in finished
     if moment == "train":  # (features may finish in the moment a kill takes to land)
         assert "features" in finished
+    if moment == "publishing":  # a features file is written, its manifest is not
+        assert "features" not in finished
+        assert list((folder / "lake/features").glob("*/features/*/*/*"))
     before = step_runs(folder)
     assert "RUNNING" in set(before["status"])  # SIGKILL leaves no chance to clean up
 
