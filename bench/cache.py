@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hotel_data import DEFAULT_DATA, WORK, git_state, machine, rows, scaled_copy
+from hotel_data import WORK, git_state, machine, parse_args, rows, run_env, scaled_copy
 
 SCRATCH = WORK / "cache"
 STEPS = ("ingest", "validate", "split", "features", "train", "evaluate")
@@ -128,19 +128,11 @@ class RunFailed(Exception):
     """A benchmarked command exited non-zero, or did not run/cache the steps it should."""
 
 
-def env() -> dict[str, str]:
-    env = os.environ | {"COLUMNS": "200"}  # rich: no wrapped lines to parse
-    env.pop("MLFLOW_TRACKING_URI", None)
-    if SRC is not None:  # ahead of the venv's editable install
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
-    return env
-
-
 def timed(cmd: list[str]) -> tuple[float, str, str, float]:
     """Wall seconds of one fresh process run in the scratch folder, its stdout and stderr,
     and the monotonic time it ended."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=SCRATCH, env=env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=SCRATCH, env=run_env(SRC), capture_output=True, text=True)
     end = time.perf_counter()
     if proc.returncode != 0:
         raise RunFailed(f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
@@ -304,17 +296,12 @@ def fresh_scratch() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the training CSV")
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs")
     parser.add_argument("--factor", type=int, default=100,
                         help="rows repeated this many times for the scaled pair (0: skip it)")
-    parser.add_argument("--src", type=Path, help="import trainpipe from this folder instead")
-    args = parser.parse_args()
+    args = parse_args(parser)
     global SRC
-    SRC = args.src.resolve() if args.src else None
-    data = args.data.resolve()
-    if not data.is_file():
-        sys.exit(f"no such file: {data}")
+    SRC, data = args.src, args.data
 
     fresh_scratch()
     code = code_under_test()

@@ -6,14 +6,39 @@ its rows `factor` times, with the id column renumbered 0..N-1 so ids stay unique
 shared ids are 0..42,099, so the first copy keeps them as they are).
 """
 
+import argparse
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 WORK = BENCH / "work"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/hotel_bookings/train.csv"
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Add what every benchmark takes (--data, --src) to `parser` and parse the command
+    line. `args.data` comes back resolved and checked, `args.src` resolved or None."""
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the training CSV")
+    parser.add_argument("--src", type=Path, help="import trainpipe from this folder instead")
+    args = parser.parse_args()
+    args.data = args.data.resolve()
+    if not args.data.is_file():
+        sys.exit(f"no such file: {args.data}")
+    args.src = args.src.resolve() if args.src else None
+    return args
+
+
+def run_env(src: Path | None) -> dict[str, str]:
+    """The environment a benchmarked `trainpipe` runs in: no MLflow URI from the caller,
+    wide rich output (no wrapped lines to parse), the package under `src` if given."""
+    env = os.environ | {"COLUMNS": "200"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if src is not None:  # ahead of the venv's editable install
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+    return env
 
 
 def scaled_copy(data: Path, factor: int) -> Path:

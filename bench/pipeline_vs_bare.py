@@ -2,7 +2,9 @@
 
 Times `trainpipe run model=random_forest` (lake + SQLite MLflow store in bench/work/,
 store already created by a warm-up run) against bench/bare_forest.py (the same read,
-split and forest fit, no tracking), alternating the two, each as a fresh process.
+split and forest fit, no tracking), alternating the two, each as a fresh process. A third
+command in each round, bench/untracked_trainpipe.py, is the same run with MLflow taken
+out: the best that moving tracking off the critical path could do.
 Then records each default model's test ROC AUC and where trainpipe's time goes.
 
     python bench/pipeline_vs_bare.py [--data PATH] [--repeats 5] [--src DIR]
@@ -26,11 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hotel_data import git_state, machine
+from hotel_data import BENCH, WORK, git_state, machine, parse_args, run_env
 
-BENCH = Path(__file__).resolve().parent
-WORK = BENCH / "work"
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/hotel_bookings/train.csv"
 MODELS = ("random_forest", "lightgbm", "logistic_regression")
 STEPS = ("ingest", "validate", "split", "features", "train", "evaluate")
 TARGET_RATIO = 1.3
@@ -60,14 +59,15 @@ def trainpipe_cmd(data: Path, model: str) -> list[str]:
             f"tracking.uri=sqlite:///{WORK / 'mlflow.db'}"]
 
 
+def untracked_cmd(data: Path) -> list[str]:
+    return [sys.executable, str(BENCH / "untracked_trainpipe.py"),
+            *trainpipe_cmd(data, "random_forest")[1:]]
+
+
 def timed(cmd: list[str]) -> tuple[float, str]:
     """Wall seconds of one fresh process run in the scratch folder, and its stdout."""
-    env = os.environ | {"COLUMNS": "200"}  # rich: no wrapped lines to parse
-    env.pop("MLFLOW_TRACKING_URI", None)
-    if SRC is not None:  # ahead of the venv's editable install
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=WORK, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=WORK, env=run_env(SRC), capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RunFailed(f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
@@ -128,7 +128,7 @@ def report(r: dict[str, Any]) -> str:
     code = r["code"]
     edits = "has uncommitted src/ edits" if code["src_changes"] else "has no src/ edits"
     lines = [
-        f"## trainpipe run vs bare script ({r['repeats']} pairs, random_forest)",
+        f"## trainpipe run vs bare script ({r['repeats']} rounds, random_forest)",
         "",
         f"trainpipe imported from {code['trainpipe']} (repo HEAD {code['git_commit']}; "
         f"working tree {edits})",
@@ -137,12 +137,17 @@ def report(r: dict[str, Any]) -> str:
         "|---|---:|---:|",
         f"| `trainpipe run` | {s['trainpipe_median']:.2f} | {s['trainpipe_min']:.2f} |",
         f"| bare script | {s['bare_median']:.2f} | {s['bare_min']:.2f} |",
-        f"| ratio trainpipe/bare (per pair) | {s['ratio_median']:.2f} | {s['ratio_min']:.2f} |",
+        f"| ratio trainpipe/bare (per round) | {s['ratio_median']:.2f} | {s['ratio_min']:.2f} |",
+        f"| untracked trainpipe (MLflow taken out) | {s['untracked_median']:.2f} "
+        f"| {s['untracked_min']:.2f} |",
+        f"| ratio untracked/bare (per round) | {s['untracked_ratio_median']:.2f} "
+        f"| {s['untracked_ratio_min']:.2f} |",
         "",
         f"Median ratio {s['ratio_median']:.2f} {verdict} the target (<= {TARGET_RATIO}).",
         "",
         "trainpipe s: " + ", ".join(f"{x:.2f}" for x in r["trainpipe_seconds"]),
         "bare s:      " + ", ".join(f"{x:.2f}" for x in r["bare_seconds"]),
+        "untracked s: " + ", ".join(f"{x:.2f}" for x in r["untracked_seconds"]),
         "",
         "## trainpipe's time by step (median of the timed runs)",
         "",
@@ -173,22 +178,17 @@ def report(r: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the training CSV")
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs")
-    parser.add_argument("--src", type=Path, help="import trainpipe from this folder instead")
-    args = parser.parse_args()
+    args = parse_args(parser)
     global SRC
-    SRC = args.src.resolve() if args.src else None
-    data = args.data.resolve()
-    if not data.is_file():
-        sys.exit(f"no such file: {data}")
+    SRC, data = args.src, args.data
 
     fresh_scratch()
     code = code_under_test()
     load_start = os.getloadavg()
     timed(trainpipe_cmd(data, "random_forest"))  # warm-up: creates the store and the lake
     bare_cmd = [sys.executable, str(BENCH / "bare_forest.py"), str(data)]
-    pipe_s, bare_s, steps, bare_auc = [], [], [], []
+    pipe_s, bare_s, untracked_s, steps, bare_auc = [], [], [], [], []
     for i in range(args.repeats):
         seconds, stdout = timed(trainpipe_cmd(data, "random_forest"))
         pipe_s.append(seconds)
@@ -196,9 +196,11 @@ def main() -> None:
         seconds, stdout = timed(bare_cmd)
         bare_s.append(seconds)
         bare_auc.append(float(stdout.split()[-1]))
-        print(f"pair {i + 1}/{args.repeats}: trainpipe {pipe_s[-1]:.2f}s  bare {bare_s[-1]:.2f}s",
-              file=sys.stderr)
+        untracked_s.append(timed(untracked_cmd(data))[0])
+        print(f"round {i + 1}/{args.repeats}: trainpipe {pipe_s[-1]:.2f}s  bare {bare_s[-1]:.2f}s"
+              f"  untracked {untracked_s[-1]:.2f}s", file=sys.stderr)
     ratios = [p / b for p, b in zip(pipe_s, bare_s, strict=True)]
+    untracked_ratios = [u / b for u, b in zip(untracked_s, bare_s, strict=True)]
 
     results = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -210,9 +212,15 @@ def main() -> None:
         "trainpipe_seconds": pipe_s,
         "bare_seconds": bare_s,
         "ratios": ratios,
+        "untracked_seconds": untracked_s,
+        "untracked_ratios": untracked_ratios,
         "summary": {"trainpipe_median": statistics.median(pipe_s), "trainpipe_min": min(pipe_s),
                     "bare_median": statistics.median(bare_s), "bare_min": min(bare_s),
                     "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+                    "untracked_median": statistics.median(untracked_s),
+                    "untracked_min": min(untracked_s),
+                    "untracked_ratio_median": statistics.median(untracked_ratios),
+                    "untracked_ratio_min": min(untracked_ratios),
                     "target_ratio": TARGET_RATIO},
         "step_seconds": steps,
         "bare_auc": bare_auc,

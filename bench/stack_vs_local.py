@@ -32,7 +32,7 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hotel_data import DEFAULT_DATA, WORK, rows
+from hotel_data import WORK, parse_args, rows
 
 SCRATCH = WORK / "stack_vs_local"
 TARGET_RATIO = 1.2
@@ -124,18 +124,14 @@ def load() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stack-ups", type=int, default=3)
-    parser.add_argument("--src", type=Path, help="import trainpipe from this folder instead")
-    args = parser.parse_args()
+    args = parse_args(parser)
     if args.src is not None:  # ahead of the venv's editable install, here and in the runs
-        sys.path.insert(0, str(args.src.resolve()))
+        sys.path.insert(0, str(args.src))
         os.environ["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(args.src.resolve()), os.environ.get("PYTHONPATH")]))
-    data = args.data.resolve()
-    if not data.exists():
-        raise SystemExit(f"{data}: no such file (the shared hotel data)")
+            filter(None, [str(args.src), os.environ.get("PYTHONPATH")]))
+    data = args.data
     shutil.rmtree(SCRATCH, ignore_errors=True)
     SCRATCH.mkdir(parents=True)
 

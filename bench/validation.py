@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hotel_data import DEFAULT_DATA, WORK, git_state, machine, scaled_copy
+from hotel_data import WORK, git_state, machine, parse_args, run_env, scaled_copy
 
 SCRATCH = WORK / "validation"
 TARGET_SHARE = 0.05
@@ -75,17 +75,9 @@ print(json.dumps({"rows": len(raw.df), "first_s": first, "second_s": second,
 """
 
 
-def env() -> dict[str, str]:
-    env = os.environ | {"COLUMNS": "200"}  # rich: no wrapped lines to parse
-    env.pop("MLFLOW_TRACKING_URI", None)
-    if SRC is not None:  # ahead of the venv's editable install
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
-    return env
-
-
 def timed(cmd: list[str]) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=SCRATCH, env=env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=SCRATCH, env=run_env(SRC), capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"failed: exit {proc.returncode}: {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
@@ -177,18 +169,13 @@ def report(r: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the training CSV")
     parser.add_argument("--repeats", type=int, default=5, help="measurements on the small file")
     parser.add_argument("--factor", type=int, default=100,
                         help="rows repeated this many times for the big file (0: skip it)")
     parser.add_argument("--big-repeats", type=int, default=3, help="measurements on the big file")
-    parser.add_argument("--src", type=Path, help="import trainpipe from this folder instead")
-    args = parser.parse_args()
+    args = parse_args(parser)
     global SRC
-    SRC = args.src.resolve() if args.src else None
-    data = args.data.resolve()
-    if not data.is_file():
-        sys.exit(f"no such file: {data}")
+    SRC, data = args.src, args.data
 
     shutil.rmtree(SCRATCH, ignore_errors=True)
     SCRATCH.mkdir(parents=True)
