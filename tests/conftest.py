@@ -64,15 +64,19 @@ def compose(*overrides: str, config_dir: Path | None = None) -> DictConfig:
 
 
 def task_table(task: str, rows: int = 600, seed: int = 0) -> pd.DataFrame:
-    """A small table with a string category, a nullable float and a learnable target."""
+    """A small table with a string category, a nullable float, a nullable datetime, a bool
+    and a learnable target."""
     rng = np.random.default_rng(seed)
     x1 = rng.normal(0, 1, rows)
     x2 = rng.integers(0, 50, rows)
     colour = rng.choice(["red", "green", "blue"], rows)
     weight = np.where(rng.random(rows) < 0.1, np.nan, rng.normal(10, 2, rows))
     signal = x1 + 0.05 * x2 + (colour == "red")
+    booked = pd.Timestamp("2024-01-01") + pd.to_timedelta(rng.integers(0, 365, rows), unit="D")
+    booked = booked.where(rng.random(rows) >= 0.05)  # some NaT
     df = pd.DataFrame({"key": np.arange(rows), "x1": x1, "x2": x2, "colour": colour,
-                       "weight": weight, "notes": ["free text"] * rows})
+                       "weight": weight, "booked": booked, "member": rng.random(rows) < 0.5,
+                       "notes": ["free text"] * rows})
     if task == "binary":
         df["label"] = np.where(signal > np.median(signal), "yes", "no")
     elif task == "multiclass":
@@ -97,6 +101,8 @@ columns:
   x2:     {{type: int, min: 0, max: 49}}
   colour: {{type: str, values: [red, green, blue]}}
   weight: {{type: float, nullable: true}}
+  booked: {{type: datetime, nullable: true}}
+  member: {{type: bool}}
   notes:  {{type: str, kind: drop}}
   label:  {label}
 derived:

@@ -1,6 +1,7 @@
 """Binary, multiclass and regression datasets train end to end from one YAML file each."""
 
 import mlflow
+import mlflow.sklearn
 import pytest
 
 from tests.conftest import runs, task_table, trainpipe
@@ -23,3 +24,7 @@ def test_each_task_end_to_end(task_config, task, metric, floor):
     rows = task_table(task, rows=5, seed=11).drop(columns=["label"])
     rows.loc[0, "colour"] = "purple"  # unseen category
     assert len(model.predict(rows)) == 5
+    pipeline = mlflow.sklearn.load_model(parent["tags.trainpipe.model_uri"])
+    features = set(pipeline[-1].feature_name_)  # ordinal encoding: one column each
+    assert {"booked", "member", "colour", "x1_times_x2"} <= features
+    assert not {"key", "notes", "label"} & features

@@ -28,19 +28,30 @@ def build_transformer(cfg: DictConfig):
     dataset, prep = cfg.dataset, cfg.model.preprocessing
     kinds = feature_columns(dataset)
     derived = dict(dataset.get("derived") or {})
-    numeric = [c for c, k in kinds.items() if k == "numeric"] + list(derived)
+    dates = [c for c, k in kinds.items()
+             if k == "numeric" and dataset.columns[c].type == "datetime"]
+    numeric = [c for c, k in kinds.items() if k == "numeric" and c not in dates] + list(derived)
     categorical = [c for c, k in kinds.items() if k == "categorical"]
 
-    numeric_steps = [SimpleImputer(strategy="median", keep_empty_features=True)]
-    if prep.scale_numeric:
-        numeric_steps.append(StandardScaler())
+    def numeric_steps() -> list:
+        steps = [SimpleImputer(strategy="median", keep_empty_features=True)]
+        return [*steps, StandardScaler()] if prep.scale_numeric else steps
+
+    # A datetime feature is its number of days since 1970 (NaT stays missing), then numeric.
+    date_steps = [
+        FunctionTransformer(pd.DataFrame.sub, kw_args={"other": pd.Timestamp(0)},
+                            feature_names_out="one-to-one"),
+        FunctionTransformer(pd.DataFrame.div, kw_args={"other": pd.Timedelta(days=1)},
+                            feature_names_out="one-to-one"),
+        *numeric_steps()]
     if prep.categorical_encoding == "onehot":
         encoder = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
     else:
         encoder = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1,
                                  encoded_missing_value=-1)
     columns = ColumnTransformer(
-        [("numeric", make_pipeline(*numeric_steps), numeric),
+        [("numeric", make_pipeline(*numeric_steps()), numeric),
+         ("dates", make_pipeline(*date_steps), dates),
          ("categorical", encoder, categorical)],
         remainder="drop",  # the id, the target and dropped columns never become features
         verbose_feature_names_out=False,
