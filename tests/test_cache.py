@@ -97,6 +97,31 @@ def test_the_change_matrix(demo_lake):
     assert ran(folder) == ["ingest", "validate", "split"]
 
 
+def test_a_step_run_again_reruns_the_steps_reading_it(demo_lake):
+    folder = demo_lake
+    assert invoke(folder, "run", *FAST).exit_code == 0
+    first_model = latest_parent(folder)["tags.trainpipe.model_uri"]
+    assert invoke(folder, "clean", "--step", "train", "--keep", "0").exit_code == 0
+    assert invoke(folder, "run", *FAST).exit_code == 0
+    assert ran(folder) == ["train", "evaluate"]  # never a new model with the old metrics
+    assert latest_parent(folder)["tags.trainpipe.model_uri"] != first_model
+
+
+def test_a_store_in_another_folder_never_reuses_a_model_it_does_not_hold(demo_lake):
+    """`sqlite:///mlflow.db` in two folders is two stores sharing one lake: the data steps
+    are shared, the model is trained again into the second store."""
+    folder, other = demo_lake, demo_lake / "other"
+    other.mkdir()
+    lake = folder / "lake"
+    shared_lake = [f"lake.root={lake}", f"dataset.source={lake}/raw/hotel_bookings/train.csv"]
+    assert trainpipe("run", *FAST, *shared_lake, cwd=folder).returncode == 0
+    result = trainpipe("run", *FAST, *shared_lake, cwd=other)
+    assert result.returncode == 0, result.stderr
+    assert ran(other) == ["train", "evaluate"]
+    model_uri = latest_parent(other)["tags.trainpipe.model_uri"]
+    assert mlflow.pyfunc.load_model(model_uri) is not None  # it is in this store
+
+
 def test_inspect_and_clean(demo_lake):
     folder = demo_lake
     for n in (20, 21, 22):

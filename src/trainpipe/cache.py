@@ -4,7 +4,9 @@ A step's fingerprint is the sha256 of:
   1. the step's name;
   2. its code version: the sha256 of the step module's source file, and trainpipe's
      version (shared helpers change with the version);
-  3. the resolved values of the config keys the step reads (`Step.reads`);
+  3. the resolved values of the config keys the step reads (`Step.reads`), with a
+     relative SQLite store (`sqlite:///mlflow.db`) made absolute: the same words in two
+     folders name two stores, and a model lives in one of them;
   4. the fingerprints of the steps whose outputs it reads; for ingest, which reads the
      raw zone, the sha256 of each source file's bytes.
 Same fingerprint, same output: a published output with that fingerprint is reused.
@@ -33,7 +35,16 @@ def config_values(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
         value = OmegaConf.select(cfg, key, default=None)
         values[key] = (OmegaConf.to_container(value, resolve=True)
                        if OmegaConf.is_config(value) else value)
+    if isinstance(values.get("tracking.uri"), str):
+        values["tracking.uri"] = absolute_store(values["tracking.uri"])
     return values
+
+
+def absolute_store(uri: str) -> str:
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri.removeprefix(prefix)).resolve())
+    return uri
 
 
 def fingerprint(name: str, module: ModuleType, cfg: DictConfig, reads: tuple[str, ...],

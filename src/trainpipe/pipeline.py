@@ -138,6 +138,14 @@ def _cached(catalog: Catalog, steps: list[Step], force: bool) -> dict[str, dict 
             readers = [s for s in steps if set(s.inputs) & set(step.outputs)]
             done = readers and all(cached[s.name] is not None for s in readers)
             cached[step.name] = {"run_id": None} if done else None
+    # An output is only as good as its inputs: once a step runs again (its output was
+    # cleaned or never finished), every later step reading from it runs again too, so a
+    # new model is never paired with the metrics of an old one.
+    rerun: set[str] = set()
+    for step in [s for s in steps if s.name != "ingest"]:
+        if cached[step.name] is None or set(step.inputs) & rerun:
+            cached[step.name] = None
+            rerun |= set(step.outputs)
     return cached
 
 
