@@ -43,8 +43,10 @@ def test_a_signal_during_train_ends_runs_killed(workdir, sig):
 
 def test_an_error_in_a_step_ends_runs_failed(demo_lake):
     result = trainpipe("run", "model.params.max_depth=-5", cwd=demo_lake)
-    assert result.returncode == 1
-    assert "max_depth" in result.stderr  # scikit-learn's own message reaches the user
+    assert result.returncode == 2  # a config error, found before the fit
+    assert ("error: model.params: The 'max_depth' parameter of RandomForestClassifier must be"
+            in result.stderr)  # scikit-learn's own words, under the key to fix
+    assert "Traceback" not in result.stderr
     got = statuses(demo_lake)
     assert got["pipeline"] == "FAILED" and got["train"] == "FAILED"
     assert "evaluate" not in got

@@ -22,9 +22,13 @@ def build_estimator(model_cfg: DictConfig):
         raise ConfigError(f"model._target_: cannot import {model_cfg._target_!r} ({exc})") from None
     params = OmegaConf.to_container(model_cfg.get("params") or {}, resolve=True)
     try:
-        return cls(**params)
-    except TypeError as exc:
+        estimator = cls(**params)
+        # scikit-learn checks types and ranges only in fit; check them before the work
+        if hasattr(estimator, "_validate_params"):
+            estimator._validate_params()
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.params: {exc}") from None
+    return estimator
 
 
 def run(cfg: DictConfig, splits: dict[str, pd.DataFrame], transformer,
