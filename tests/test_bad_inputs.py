@@ -105,7 +105,7 @@ def drop(col):
 
 CASES = [
     Case("out_of_range", set_cell(4, "arrival_month", 13), 3,
-         ["arrival_month", "less_than_or_equal_to(12)", "1 rows", "row 4: 13"]),
+         ["arrival_month · less_than_or_equal_to(12) · 1 row · e.g. row 4: 13"]),
     Case("negative", set_cell(2, "no_of_adults", -1), 3,
          ["no_of_adults", "greater_than_or_equal_to(0)", "row 2: -1"]),
     Case("outside_allowed_set", set_cell(7, "repeated_guest", 2), 3,
@@ -131,7 +131,7 @@ CASES = [
         b"\n5,", b"\n5\xe9,", 1)), 3, ["line 7: bytes that are not UTF-8", "save the file as"]),
     Case("duplicate_ids", set_cell(11, "id", 10), 3, ["id", "duplicate values", "row 11: 10"]),
     Case("single_class", csv(lambda df: df.assign(booking_status=0)), 3,
-         ["booking_status", "single class"]),
+         ["booking_status · the target has a single class (0)"]),
     Case("all_null_column", csv(lambda df: df.assign(avg_price_per_room=None)), 3,
          ["avg_price_per_room", "every value is missing"],
          extra=["+dataset.columns.avg_price_per_room.nullable=true"]),

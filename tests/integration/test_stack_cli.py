@@ -1,12 +1,11 @@
 """`trainpipe stack up | status | down` from the command line, with a cluster of its own."""
 
-import os
-import shutil
-
 import pytest
-from integration_support import make_reachable_folder, remove_folder
+from integration_support import make_reachable_folder, remove_folder, unavailable
 
 from tests.conftest import trainpipe
+from trainpipe import stack
+from trainpipe.errors import ConfigError
 
 
 def test_stack_commands(tmp_path, own_folder_or_skip):
@@ -33,10 +32,10 @@ def test_stack_commands(tmp_path, own_folder_or_skip):
 @pytest.fixture
 def own_folder_or_skip():
     """A stack folder the user `postgres` can reach (tests run as root)."""
-    if shutil.which("initdb") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("initdb is missing: the stack's own cluster cannot be tested")
-        pytest.skip("initdb is not installed")
+    try:
+        stack._pg_program("initdb")  # where `stack up` itself looks for it
+    except ConfigError:
+        unavailable("initdb is not installed: the stack's own cluster cannot be tested")
     folder = make_reachable_folder("trainpipe-stack-cli-")
     yield folder / "stack"
     remove_folder(folder)

@@ -104,8 +104,9 @@ def _beyond_schema(dataset: DictConfig, checks: DictConfig, df: pd.DataFrame, so
             and df[target].notna().any()):
         distinct = df[target].nunique()
         if dataset.task != "regression" and distinct < 2:
+            only = _plain(df[target].dropna().iloc[0])
             failures.append(_failure(source, target, "at_least_two_classes", len(df), [],
-                                     f"the target has a single class ({df[target].iloc[0]!r})"))
+                                     f"the target has a single class ({only!r})"))
         elif dataset.task == "regression" and distinct < 2:
             failures.append(_failure(source, target, "not_constant", len(df), [],
                                      "the target is constant"))
@@ -135,6 +136,9 @@ def _failures_from(source: str, cases: pd.DataFrame) -> list[dict]:
         ]
         failures.append(_failure(source, column, str(check), len(group), examples))
     return failures
+
+
+COLUMN_CHECKS = ("column_in_dataframe", "column_in_schema")  # about a column, not rows
 
 
 def _failure(source, column, check, count, examples, message=None) -> dict:
@@ -170,7 +174,11 @@ def to_terminal(failures: list[dict]) -> str:
             f"row {e['row']}: {e['value']!r}" if e["row"] is not None else repr(e["value"])
             for e in f["examples"]
         )
-        lines.append(f"  {f['source']} · {where} · {f['message']} · {f['rows']:,} rows"
+        if f["check"] in COLUMN_CHECKS:  # the column is the culprit: no rows to count
+            lines.append(f"  {f['source']} · {where} · {f['message']}")
+            continue
+        rows = f"{f['rows']:,} row" + ("" if f["rows"] == 1 else "s")
+        lines.append(f"  {f['source']} · {where} · {f['message']} · {rows}"
                      + (f" · e.g. {examples}" if examples else ""))
     return "\n".join(lines)
 
