@@ -162,7 +162,8 @@ CASES = [
                                                   "{type: int, minimum: 1, max: 12}")), 2,
          ["dataset.columns.arrival_month has unknown key(s) ['minimum']"]),
     Case("yaml_bad_task", dataset_yaml(("task: binary", "task: classification")), 2,
-         ["'classification' is not one of"]),
+         ["error: config: dataset.task: 'classification' is not one of binary, multiclass, "
+          "regression"]),
     Case("yaml_syntax_error", dataset_yaml(("columns:", "columns: [")), 2,
          ["invalid YAML", "mine.yaml\", line"]),
     Case("yaml_unquoted_yes_no", dataset_yaml(("booking_status:                       "

@@ -37,6 +37,15 @@ def test_unknown_key_is_a_config_error():
         compose("no_such_key=1")
 
 
+def test_a_missing_environment_variable_names_the_key(monkeypatch):
+    monkeypatch.delenv("TRAINPIPE_LAKE_ROOT", raising=False)
+    with pytest.raises(ConfigError) as caught:
+        compose("lake=s3")
+    assert str(caught.value) == ("lake.root: the environment variable TRAINPIPE_LAKE_ROOT is "
+                                 "not set; export it, or pass lake.root=... on the command line")
+    assert compose("lake=s3", "lake.root=s3://b/lake").lake.root == "s3://b/lake"
+
+
 def test_overrides_split_like_mlflow_run_passes_them():
     assert split_overrides(["model=lightgbm seed=3", "", "x='a b'"]) == [
         "model=lightgbm", "seed=3", "x=a b"]

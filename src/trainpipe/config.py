@@ -1,6 +1,7 @@
 """Compose the Hydra config: package defaults + a user's --config-dir + overrides."""
 
 import itertools
+import re
 import shlex
 from pathlib import Path
 
@@ -10,7 +11,6 @@ from trainpipe.errors import ConfigError
 from trainpipe.schema import TASKS, check_dataset_config
 
 CONF_DIR = Path(__file__).parent / "conf"
-
 
 
 def _by_task(task: str, classification: str, regression: str) -> str:
@@ -61,10 +61,30 @@ def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
     except ConfigError:
         raise
     except Exception as exc:
+        missing = re.search(r"Environment variable '(\w+)' not found", str(exc))
+        if missing:
+            raise ConfigError(_missing_env_message(cfg, missing[1])) from None
         raise ConfigError(f"config: {_hydra_message(exc)}") from None
     check_dataset_config(cfg.dataset)
     _check_split(cfg.split)
     return cfg
+
+
+def _missing_env_message(cfg: DictConfig, name: str) -> str:
+    """`lake.root: the environment variable TRAINPIPE_LAKE_ROOT is not set ...`"""
+    keys = []
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, str) and f"oc.env:{name}" in value:
+            keys.append(prefix)
+
+    walk("", OmegaConf.to_container(cfg, resolve=False))
+    key = keys[0] if keys else "config"
+    return (f"{key}: the environment variable {name} is not set; export it, or pass "
+            f"{key}=... on the command line")
 
 
 def _check_split(split: DictConfig) -> None:
@@ -94,6 +114,7 @@ def _parse(fn, overrides):
 def _hydra_message(exc: Exception) -> str:
     # Hydra appends its whole search path to "missing config" errors: keep the first lines.
     text = str(exc).split("\nConfig search path")[0].strip()
-    if isinstance(exc.__cause__, ConfigError):
-        return str(exc.__cause__)
+    for cause in (exc.__cause__, exc.__context__):
+        if isinstance(cause, ConfigError):  # ours, raised inside a resolver
+            return str(cause)
     return text.replace("\n", " ") if text.count("\n") < 3 else text
