@@ -142,6 +142,9 @@ def test_inspect_and_clean(demo_lake):
     assert len(list(train_outputs.iterdir())) == 1
     assert invoke(folder, "run", "model.params.n_estimators=22").exit_code == 0
     assert ran(folder) == []  # the newest output was kept
+    result = invoke(folder, "clean", "--step", "trian")
+    assert result.exit_code == 2
+    assert "--step trian: is not a step; steps with published outputs: validate," in result.output
     assert invoke(folder, "clean", "--keep", "0").exit_code == 0
     assert (folder / "lake/raw/hotel_bookings/train.csv").exists()  # never raw data
     assert not any(p.is_file() for p in (folder / "lake/landing").rglob("*"))

@@ -106,7 +106,7 @@ def clean(overrides: Overrides = None, config_dir: ConfigDir = None,
 
 
 @data_app.command("demo")
-def data_demo(rows: Annotated[int, typer.Option(help="Number of rows.")] = 20_000,
+def data_demo(rows: Annotated[int, typer.Option(min=1, help="Number of rows.")] = 20_000,
               out_url: Annotated[str, typer.Option("--out", help="Where to write the CSV "
                                                    "(any fsspec URL).")] = "demo/train.csv",
               seed: Annotated[int, typer.Option(help="Random seed.")] = 0) -> None:
@@ -145,6 +145,9 @@ def stack_up(folder: StackFolder = ".trainpipe/stack",
     out.print("export before `trainpipe run tracking=server`:")
     for name, value in info.env.items():
         out.print(f"  export {name}={value}", highlight=False, soft_wrap=True)
+    out.print("then: trainpipe run tracking=server  (a lake on S3 too: add lake=s3 "
+              "lake.root=s3://BUCKET/lake, with AWS credentials in the environment)",
+              highlight=False, soft_wrap=True)
 
 
 @stack_app.command("status")

@@ -14,13 +14,15 @@ from omegaconf import DictConfig
 from trainpipe.catalog import ZONES, output_base
 from trainpipe.errors import ConfigError
 from trainpipe.lake import Lake
+from trainpipe.pipeline import STEP_NAMES
 
 ABANDONED_AFTER = 3600  # seconds
 
 
 def clean(cfg: DictConfig, step: str | None, keep: int) -> list[str]:
     if step is not None and step not in ZONES:
-        raise ConfigError(f"--step {step}: no published outputs; steps that publish: "
+        what = "publishes nothing" if step in STEP_NAMES else "is not a step"
+        raise ConfigError(f"--step {step}: {what}; steps with published outputs: "
                           f"{', '.join(ZONES)}")
     if keep < 0:
         raise ConfigError(f"--keep {keep}: must be 0 or more")
