@@ -213,7 +213,7 @@ def _run_one(cfg, overrides, span, force, verbose) -> int:
 
     lake, tracking = redact_text(str(cfg.lake.root)), redact_text(str(cfg.tracking.uri))
     out.print(f"[bold]trainpipe[/] {cfg.dataset.name} · {cfg.model.name} · lake {lake} · "
-              f"tracking {tracking}", highlight=False)
+              f"tracking {tracking}", highlight=False, soft_wrap=True)
 
     def on_step(r: pipeline.StepResult) -> None:
         if r.status == "running":
@@ -222,7 +222,7 @@ def _run_one(cfg, overrides, span, force, verbose) -> int:
             mark = {"done": "[green]✓[/]", "cached": "[blue]=[/]", "failed": "[red]✗[/]",
                     "killed": "[yellow]■[/]"}
             out.print(f"  {mark[r.status]} {r.name:<9} {r.seconds:6.2f}s  {r.summary}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
 
     result = pipeline.run(cfg, overrides, *span, force=force, on_step=on_step,
                           on_notice=lambda m: out.print(f"  [yellow]![/] {m}"))
@@ -238,6 +238,8 @@ def _run_one(cfg, overrides, span, force, verbose) -> int:
 def _summary(cfg, result) -> None:
     from trainpipe.tracking import normalise_uri, ui_hint
 
+    if result.run_id is None and all(r.status == "pending" for r in result.steps):
+        return  # stopped before any run started (config, source, server): the error says it
     table = Table(title="summary", show_edge=False, title_justify="left")
     for col in ("step", "status", "seconds", "result"):
         table.add_column(col)
@@ -251,7 +253,9 @@ def _summary(cfg, result) -> None:
         out.print(f"  run id      {result.run_id}")
     if "trainpipe.model_uri" in result.tags:
         out.print(f"  model       {result.tags['trainpipe.model_uri']}")
-    out.print(f"  browse      {ui_hint(normalise_uri(str(cfg.tracking.uri)))}", highlight=False)
+    # soft_wrap: a command to copy must stay on one line, whatever the terminal's width
+    out.print(f"  browse      {ui_hint(normalise_uri(str(cfg.tracking.uri)))}", highlight=False,
+              soft_wrap=True)
 
 
 def _report_error(exc: BaseException, verbose: bool) -> int:
