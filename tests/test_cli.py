@@ -100,8 +100,11 @@ def test_one_step_alone_reads_its_inputs_from_the_lake(demo_lake):
 def test_a_step_whose_inputs_were_never_published_says_so(demo_lake):
     result = trainpipe("step", "train", cwd=demo_lake)
     assert result.returncode == 2
-    assert "landing/hotel_bookings/split/" in result.stderr
-    assert "not published yet" in result.stderr
+    assert " ".join(result.stderr.split()).startswith(
+        "error: train reads the output of features, which is not published for this config "
+        "(fingerprint ")
+    assert "run from there first: trainpipe run --from features" in " ".join(result.stderr.split())
+    assert not (demo_lake / "mlflow.db").exists() or runs(demo_lake).empty  # no run started
 
 
 def test_usage_errors_exit_2(workdir):

@@ -109,6 +109,7 @@ def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
             sources = ingest.read_sources(cfg)
             catalog = Catalog(cfg, lake.Lake(cfg.lake.root), tracking, sources,
                               fingerprints(cfg, sources))
+            _check_upstream_published(catalog, steps)
             cached = _cached(catalog, steps, force)
             if any(cached.get(s) is None for s in ("train", "evaluate")):
                 warm_up()  # only when a model will be logged or plots drawn
@@ -123,6 +124,20 @@ def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
     except BaseException as exc:  # noqa: BLE001 - reported to the caller, runs already ended
         result.error = exc
     return result
+
+
+def _check_upstream_published(catalog: Catalog, steps: list[Step]) -> None:
+    """A slice (`--from`, `trainpipe step`) reads what earlier steps published for this
+    config: say which step to run first, before any run starts."""
+    selected = {s.name for s in steps}
+    for step in steps:
+        needed = {PRODUCER[i] for i in step.inputs if i in PRODUCER} - selected - {"ingest"}
+        for producer in sorted(needed):
+            if catalog.manifest(producer) is None:
+                raise ConfigError(
+                    f"{step.name} reads the output of {producer}, which is not published for "
+                    f"this config (fingerprint {catalog.fingerprints[producer][:12]}); run from "
+                    f"there first: trainpipe run --from {producer} (or without --from)")
 
 
 def _cached(catalog: Catalog, steps: list[Step], force: bool) -> dict[str, dict | None]:
