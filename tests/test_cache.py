@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import FAST, trainpipe
-from trainpipe import demo
+from trainpipe import cache, demo
 from trainpipe.cli import app
 from trainpipe.lake import Lake
 
@@ -95,6 +95,15 @@ def test_the_change_matrix(demo_lake):
     assert ran(folder) == ["train", "evaluate"]
     assert invoke(folder, "run", *FAST, "--force", "--to", "split").exit_code == 0
     assert ran(folder) == ["ingest", "validate", "split"]
+
+
+def test_a_steps_code_version_covers_the_trainpipe_code_it_uses():
+    from trainpipe.steps import features, train, validate
+
+    assert {"trainpipe.steps.features", "trainpipe.schema"} <= set(cache.code_modules(features))
+    assert "trainpipe.schema" in cache.code_modules(validate)
+    assert "trainpipe.schema" not in cache.code_modules(train)
+    assert cache.code_version(features) != cache.code_version(train)
 
 
 def test_a_step_run_again_reruns_the_steps_reading_it(demo_lake):

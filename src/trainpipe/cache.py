@@ -2,8 +2,9 @@
 
 A step's fingerprint is the sha256 of:
   1. the step's name;
-  2. its code version: the sha256 of the step module's source file, and trainpipe's
-     version (shared helpers change with the version);
+  2. its code version: the sha256 of the step module's source and of the trainpipe
+     modules it imports from (schema.py for validate and features, ...), and trainpipe's
+     version (which covers how catalog.py and lake.py publish);
   3. the resolved values of the config keys the step reads (`Step.reads`), with a
      relative SQLite store (`sqlite:///mlflow.db`) made absolute: the same words in two
      folders name two stores, and a model lives in one of them;
@@ -15,6 +16,7 @@ File timestamps play no part.
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,9 +26,22 @@ from omegaconf import DictConfig, OmegaConf
 import trainpipe
 
 
+def code_modules(module: ModuleType) -> list[str]:
+    """The step module and the trainpipe modules it imports names from."""
+    used = {module.__name__}
+    for value in vars(module).values():
+        name = value.__name__ if isinstance(value, ModuleType) else getattr(
+            value, "__module__", None)
+        if isinstance(name, str) and name.startswith("trainpipe."):
+            used.add(name)
+    return sorted(used)
+
+
 def code_version(module: ModuleType) -> str:
-    source = Path(module.__file__).read_bytes()
-    return f"{trainpipe.__version__}+{hashlib.sha256(source).hexdigest()[:16]}"
+    sha = hashlib.sha256()
+    for name in code_modules(module):
+        sha.update(Path(sys.modules[name].__file__).read_bytes())
+    return f"{trainpipe.__version__}+{sha.hexdigest()[:16]}"
 
 
 def config_values(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
