@@ -108,6 +108,8 @@ def up(folder: str | os.PathLike = DEFAULT_FOLDER, port: int | None = None,
     env = dict(os.environ if env is None else env)
     folder = Path(folder).expanduser().resolve()
     _check_arguments(port, backend_store_uri, artifacts_destination, workers)
+    if artifacts_destination and artifacts_destination.startswith("s3://"):
+        _check_bucket(artifacts_destination.rstrip("/"), env)  # before anything is started
     folder.mkdir(parents=True, exist_ok=True)
     started: list[str] = []
     reused: list[str] = []

@@ -156,6 +156,8 @@ def test_missing_artifacts_bucket_is_named(tmp_path, database, aws_env):
         stack.up(tmp_path / "s", port=0, backend_store_uri=database.uri,
                  artifacts_destination="s3://nope-bucket/x", env=clean_env() | aws_env)
     assert not any(s.running for s in stack.status(tmp_path / "s") if s.managed)
+    assert stack.status(tmp_path / "s") == []  # checked before anything was started
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
