@@ -30,6 +30,7 @@ class Case:
     exit_code: int
     words: list[str]
     extra: list[str] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)  # words that must not be shown
 
 
 def good() -> pd.DataFrame:
@@ -135,6 +136,9 @@ CASES = [
     Case("all_null_column", csv(lambda df: df.assign(avg_price_per_room=None)), 3,
          ["avg_price_per_room", "every value is missing"],
          extra=["+dataset.columns.avg_price_per_room.nullable=true"]),
+    Case("all_null_required_column", csv(lambda df: df.assign(avg_price_per_room=None)), 3,
+         ["avg_price_per_room · every value is missing · 300 rows"],
+         absent=["not nullable"]),  # one cause, one line
     Case("inf_value", set_cell(8, "avg_price_per_room", np.inf), 3,
          ["avg_price_per_room", "finite", "row 8: inf"]),
     Case("parquet_wrong_types", parquet(lambda df: df.assign(
@@ -223,6 +227,8 @@ def test_bad_input(case: Case, template: Path, tmp_path: Path, monkeypatch):
     assert result.exit_code == case.exit_code, result.output
     for words in case.words:
         assert words in message, f"{words!r} not in:\n{message}"
+    for words in case.absent:
+        assert words not in message, f"{words!r} in:\n{message}"
     assert "Traceback" not in message
     assert snapshot(folder / "lake/landing") == landing_before
     mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")

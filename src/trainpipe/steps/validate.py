@@ -69,7 +69,11 @@ def _check(dataset: DictConfig, checks: DictConfig, table: RawTable, with_target
         failures = [f for f in failures if f["column"] != dataset.target] + [_failure(
             source, dataset.target, "target_absent_in_scoring", len(df), [],
             "scoring data must not contain the target column")]
-    failures += _beyond_schema(dataset, checks, df, source, with_target)
+    beyond = _beyond_schema(dataset, checks, df, source, with_target)
+    # One cause, one line: an all-null column needs no "missing values" line as well.
+    all_null = {f["column"] for f in beyond if f["check"] == "not_all_null"}
+    failures = [f for f in failures
+                if not (f["check"] == "not_nullable" and f["column"] in all_null)] + beyond
     return (out if not failures else None), failures
 
 
