@@ -24,7 +24,8 @@ def build_estimator(model_cfg: DictConfig):
     try:
         estimator = cls(**params)
         # scikit-learn checks types and ranges only in fit; check them before the work
-        if hasattr(estimator, "_validate_params"):
+        # (estimators that declare their constraints: scikit-learn's own, not LightGBM's)
+        if hasattr(estimator, "_parameter_constraints"):
             estimator._validate_params()
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.params: {exc}") from None
