@@ -115,3 +115,34 @@ def test_two_pipelines_at_once(server, database, moto, aws_env, tmp_path):
             attempts = {k[len(prefix):].split("/")[0] for k in keys
                         if k.startswith(prefix) and not k.endswith("manifest.json")}
             assert len(attempts) == 2, (manifest, attempts)
+
+
+@pytest.mark.slow
+def test_two_configs_at_once_share_upstream_outputs_on_s3(server, database, moto, aws_env,
+                                                          tmp_path):
+    """Different model configs at the same time on one S3 lake: the data steps they agree on
+    end with one output each, each model its own; nothing is overwritten."""
+    upload_demo(moto, "configs")
+    base = ("run", "tracking=server", "lake=s3", f"lake.root=s3://{LAKE_BUCKET}/configs",
+            "tracking.experiment=configs")
+    procs = []
+    for trees in (20, 30):
+        (tmp_path / str(trees)).mkdir()
+        procs.append(start_trainpipe(*base, f"model.params.n_estimators={trees}",
+                                     cwd=tmp_path / str(trees), env=run_env(server, aws_env)))
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, out + err
+
+    manifests = check_manifests(moto, "configs")  # every published output is whole
+
+    def outputs(step: str) -> set[str]:  # fingerprint folders holding a manifest
+        return {m.split("/")[-2] for m in manifests if f"/{step}/" in m}
+
+    for step in ("validate", "split", "features"):
+        assert len(outputs(step)) == 1, step  # agreed on: one output, shared
+    assert len(outputs("train")) == 2 and len(outputs("evaluate")) == 2
+    parents = [r for r in runs_of(database, "configs")
+               if r["tags"].get("trainpipe.kind") == "pipeline"]
+    assert len(parents) == 2 and {r["status"] for r in parents} == {"FINISHED"}
+    assert len({p["tags"]["trainpipe.model_uri"] for p in parents}) == 2
