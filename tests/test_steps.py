@@ -40,6 +40,11 @@ def test_validate_passes_good_data_with_a_report(hotel):
     values, report = run_through(hotel, "validate")
     assert len(values["validated"]) == 2000
     assert {"validation_report.json", "validation_report.md"} <= set(report.artifacts)
+    page = report.artifacts["validation_report.md"].decode()
+    status = next(line for line in page.splitlines() if line.startswith("| booking_status |"))
+    assert status.startswith("| booking_status | 2,000 | 0 | 0 | 1 | ")
+    assert status.endswith(f"| 0 ({(values['validated'].booking_status == 0).sum():,}), "
+                           f"1 ({(values['validated'].booking_status == 1).sum():,}) |")
 
 
 def test_validate_rejects_bad_data_naming_column_and_rows(hotel, tmp_path):

@@ -218,9 +218,21 @@ def to_markdown(report: dict) -> str:
                          f"{ex} |")
     for role, stats in report["statistics"].items():
         lines += ["", f"## Column statistics ({role})", "",
-                  "| column | count | nulls | min | max | mean |", "|---|---|---|---|---|---|"]
+                  "| column | count | nulls | min | max | mean | distinct values (count) |",
+                  "|---|---|---|---|---|---|---|"]
         for col, s in stats.items():
-            mean = s.get("mean")
-            lines.append(f"| {col} | {s['count']} | {s['nulls']} | {s.get('min', '')} | "
-                         f"{s.get('max', '')} | {'' if mean is None else f'{mean:.4g}'} |")
+            low, high, mean = (_short(s.get(k)) for k in ("min", "max", "mean"))
+            top = list(s.get("distinct", {}).items())[:10]
+            distinct = ", ".join(f"{k} ({v:,})" for k, v in top)
+            lines.append(f"| {col} | {s['count']:,} | {s['nulls']:,} | {low} | {high} | {mean} | "
+                         f"{distinct} |")
     return "\n".join(lines) + "\n"
+
+
+def _short(value) -> str:
+    """A number as a reader wants it in a table: 31.46, not 31.45544968775453."""
+    if value is None:
+        return ""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:,.0f}" if abs(value) >= 1e5 else f"{value:.5g}"
