@@ -140,7 +140,13 @@ CASES = [
          ["avg_price_per_room · every value is missing · 300 rows"],
          absent=["not nullable"]),  # one cause, one line
     Case("inf_value", set_cell(8, "avg_price_per_room", np.inf), 3,
-         ["avg_price_per_room", "finite", "row 8: inf"]),
+         ["avg_price_per_room · finite · 1 row · e.g. row 8: inf"],
+         absent=["less_than_or_equal_to"]),  # one cause, one line
+    Case("out_of_range_in_a_column_with_a_null",
+         csv(lambda df: df.assign(arrival_month=df.arrival_month.where(df.index != 6))
+             .assign(arrival_month=lambda d: d.arrival_month.where(d.index != 4, 13))), 3,
+         ["arrival_month · less_than_or_equal_to(12) · 1 row · e.g. row 4: 13\n",
+          "arrival_month · missing values (not nullable) · 1 row"]),
     Case("parquet_wrong_types", parquet(lambda df: df.assign(
         lead_time=df["lead_time"].astype(str).str.replace("1", "one"))), 3,
          ["bad.parquet", "lead_time", "wrong type", "one"]),

@@ -64,7 +64,8 @@ def _check(dataset: DictConfig, checks: DictConfig, table: RawTable, with_target
         out = schema.validate(df, lazy=True, inplace=True)
     except pe.SchemaErrors as exc:
         out = None
-        failures += _failures_from(source, exc.failure_cases)
+        int_columns = {c for c, spec in dataset.columns.items() if spec.type == "int"}
+        failures += _failures_from(source, exc.failure_cases, int_columns)
     if not with_target and dataset.target in df.columns:
         failures = [f for f in failures if f["column"] != dataset.target] + [_failure(
             source, dataset.target, "target_absent_in_scoring", len(df), [],
@@ -117,7 +118,7 @@ def _beyond_schema(dataset: DictConfig, checks: DictConfig, df: pd.DataFrame, so
     return failures
 
 
-def _failures_from(source: str, cases: pd.DataFrame) -> list[dict]:
+def _failures_from(source: str, cases: pd.DataFrame, int_columns: set[str]) -> list[dict]:
     failures = []
     cases = cases.copy()
     table_level = cases["schema_context"] == "DataFrameSchema"
@@ -127,14 +128,20 @@ def _failures_from(source: str, cases: pd.DataFrame) -> list[dict]:
     # on unconverted values (noise), and a null that cannot become an int is already
     # reported by not_nullable.
     check = cases["check"].astype(str)
-    coerce_failed = set(cases.loc[check.str.startswith("coerce_dtype"), "column"])
+    # (a null that cannot become an int is no conversion failure: the values are fine)
+    coerce_failed = set(cases.loc[check.str.startswith("coerce_dtype")
+                                  & cases["failure_case"].notna(), "column"])
     redundant = (cases["column"].isin(coerce_failed) & ~check.str.startswith("coerce_dtype")
                  & (check != "not_nullable")) | (
         check.str.startswith("coerce_dtype") & cases["failure_case"].isna())
+    # inf is reported by the `finite` check; it need not fail the range checks again
+    infinite = pd.to_numeric(cases["failure_case"], errors="coerce").abs() == np.inf
+    redundant |= infinite & check.str.contains("than")
     cases = cases[~redundant]
     for (column, check), group in cases.groupby(["column", "check"], sort=False, dropna=False):
+        as_int = column in int_columns  # a nullable int column is read as float: 13.0
         examples = [
-            {"row": None if pd.isna(i) else int(i), "value": _plain(v)}
+            {"row": None if pd.isna(i) else int(i), "value": _plain(v, as_int)}
             for i, v in zip(group["index"].head(EXAMPLES), group["failure_case"].head(EXAMPLES),
                             strict=True)
         ]
@@ -164,10 +171,13 @@ def _describe(check: str) -> str:
     return check
 
 
-def _plain(value):
+def _plain(value, as_int: bool = False):
     if isinstance(value, float) and pd.isna(value):
         return None
-    return value.item() if hasattr(value, "item") else value
+    value = value.item() if hasattr(value, "item") else value
+    if as_int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def to_terminal(failures: list[dict]) -> str:
