@@ -106,6 +106,24 @@ def test_a_steps_code_version_covers_the_trainpipe_code_it_uses():
     assert cache.code_version(features) != cache.code_version(train)
 
 
+def test_after_an_exception_the_same_config_resumes_where_it_failed(demo_lake, monkeypatch):
+    from trainpipe.steps import train
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("the fit ran out of memory")
+
+    folder = demo_lake
+    monkeypatch.setattr(train, "run", out_of_memory)  # a failure the config has no part in
+    result = invoke(folder, "run", *FAST)
+    assert result.exit_code == 1, result.output
+    assert "MemoryError: the fit ran out of memory" in result.output
+    assert latest_parent(folder)["status"] == "FAILED"
+    monkeypatch.undo()
+    result = invoke(folder, "run", *FAST)
+    assert result.exit_code == 0, result.output
+    assert ran(folder) == ["train", "evaluate"]  # validate, split, features: reused
+
+
 def test_a_step_run_again_reruns_the_steps_reading_it(demo_lake):
     folder = demo_lake
     assert invoke(folder, "run", *FAST).exit_code == 0
