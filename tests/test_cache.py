@@ -113,12 +113,12 @@ def test_after_an_exception_the_same_config_resumes_where_it_failed(demo_lake, m
         raise MemoryError("the fit ran out of memory")
 
     folder = demo_lake
-    monkeypatch.setattr(train, "run", out_of_memory)  # a failure the config has no part in
-    result = invoke(folder, "run", *FAST)
+    with monkeypatch.context() as patched:  # a failure the config has no part in
+        patched.setattr(train, "run", out_of_memory)
+        result = invoke(folder, "run", *FAST)
     assert result.exit_code == 1, result.output
     assert "MemoryError: the fit ran out of memory" in result.output
     assert latest_parent(folder)["status"] == "FAILED"
-    monkeypatch.undo()
     result = invoke(folder, "run", *FAST)
     assert result.exit_code == 0, result.output
     assert ran(folder) == ["train", "evaluate"]  # validate, split, features: reused
