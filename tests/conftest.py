@@ -19,6 +19,18 @@ HOTEL = REPO.parent / "shared" / "datasets" / "hotel_bookings"
 FAST = ["model.params.n_estimators=20"]  # small forests keep end-to-end tests quick
 
 
+@pytest.fixture(autouse=True, scope="session")
+def nothing_written_to_the_repository():
+    """Every test works in a folder of its own: a lake or store appearing in the repository
+    means one ran in the wrong folder (and may have passed on a previous run's outputs)."""
+    def present() -> set[str]:
+        return {n for n in ("lake", "mlflow.db", "mlruns", "mlartifacts") if (REPO / n).exists()}
+
+    before = present()
+    yield
+    assert present() <= before, f"tests wrote {sorted(present() - before)} into {REPO}"
+
+
 @pytest.fixture(autouse=True)
 def no_mlflow_env(monkeypatch):
     """MLflow exports MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID when a test sets them
