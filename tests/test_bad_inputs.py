@@ -160,6 +160,8 @@ CASES = [
          ["is a folder, not a CSV or Parquet file"]),
     Case("neither_csv_nor_parquet", raw_bytes(b"\x00\x01\x02binary" * 50, "data.bin"), 2,
          ["data.bin: neither CSV nor Parquet"]),
+    Case("json_file", raw_bytes(b'[{"id": 1, "lead_time": 3}]\n', "data.json"), 2,
+         ["data.json: neither CSV nor Parquet (it looks like JSON)"]),
     Case("csv_named_parquet", raw_bytes(b"id,a\n1,2\n", "data.parquet"), 2,
          ["data.parquet: named like Parquet but is not a Parquet file"]),
     Case("yaml_unknown_type", dataset_yaml(("{type: int, min: 0, max: 10}",

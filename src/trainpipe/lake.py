@@ -239,6 +239,10 @@ def _detect_format(url: str, data: bytes) -> str:
     name = url.lower().rsplit("?", 1)[0]
     if name.endswith((".parquet", ".pq")):
         raise SourceError(f"{redact_uri(url)}: named like Parquet but is not a Parquet file")
+    markup = {b"{": "JSON", b"[": "JSON", b"<": "XML or HTML"}.get(
+        data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1])  # no CSV header starts like these
+    if markup:
+        raise SourceError(f"{redact_uri(url)}: neither CSV nor Parquet (it looks like {markup})")
     if name.endswith((".csv", ".txt", ".tsv")) or b"\0" not in data[:4096]:
         return "csv"
     raise SourceError(f"{redact_uri(url)}: neither CSV nor Parquet")
