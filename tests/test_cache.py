@@ -30,18 +30,15 @@ def step_runs(folder: Path) -> pd.DataFrame:
     return mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"])
 
 
-def latest_cache_states(folder: Path) -> dict[str, str]:
-    """Step -> 'hit' or 'miss' for the most recent pipeline run."""
+def ran(folder: Path, result=None) -> list[str]:
+    """The steps the latest invocation ran: the child runs of its pipeline run (a reused
+    step makes none), or none when it found everything up to date (and made no run)."""
+    if result is not None and "up to date" in result.stdout:
+        return []
+    parent = latest_parent(folder)
     df = step_runs(folder)
-    parent = df[df["tags.trainpipe.kind"] == "pipeline"].iloc[0]
     children = df[df["tags.mlflow.parentRunId"] == parent["run_id"]]
-    return dict(zip(children["tags.trainpipe.step"], children["tags.trainpipe.cache"],
-                    strict=True))
-
-
-def ran(folder: Path) -> list[str]:
-    states = latest_cache_states(folder)
-    return [s for s in STEPS if states.get(s) == "miss"]
+    return [s for s in STEPS if s in set(children["tags.trainpipe.step"])]
 
 
 def latest_parent(folder: Path) -> pd.Series:
@@ -49,27 +46,35 @@ def latest_parent(folder: Path) -> pd.Series:
     return df[df["tags.trainpipe.kind"] == "pipeline"].iloc[0]
 
 
+def reused(parent: pd.Series) -> list[str]:
+    return [s for s in STEPS if isinstance(parent.get(f"tags.trainpipe.reused.{s}"), str)]
+
+
 def test_the_change_matrix(demo_lake):
     folder = demo_lake
     assert invoke(folder, "run", *FAST).exit_code == 0
     assert ran(folder) == STEPS
     first_model = latest_parent(folder)["tags.trainpipe.model_uri"]
+    first_parent = latest_parent(folder)["run_id"]
 
-    # nothing changed: nothing is redone, the same model is the result
+    # nothing changed: nothing is redone and no run is made; the same model is the result
+    runs_before = len(step_runs(folder))
     result = invoke(folder, "run", *FAST)
     assert result.exit_code == 0, result.output
-    assert ran(folder) == []
-    assert result.stdout.count("cached") >= 6
-    parent = latest_parent(folder)
-    assert parent["tags.trainpipe.model_uri"] == first_model
-    assert parent["metrics.test_roc_auc"] > 0.5  # test metrics still reach the parent run
-    states = step_runs(folder)
-    train_hit = states[(states["tags.trainpipe.step"] == "train")].iloc[0]
-    assert train_hit["tags.trainpipe.cache.run_id"]  # links to the run that made the model
+    assert ran(folder, result) == []
+    assert len(step_runs(folder)) == runs_before
+    assert "up to date" in result.stdout
+    assert f"model       {first_model}" in result.stdout
+    assert "test_roc_auc" in result.stdout
+    assert f"made by run {latest_parent(folder)['run_id']}" in result.stdout
 
-    # a model parameter: train and what follows
+    # a model parameter: train and what follows; the parent run lists the reused steps
     assert invoke(folder, "run", "model.params.n_estimators=25").exit_code == 0
     assert ran(folder) == ["train", "evaluate"]
+    parent = latest_parent(folder)
+    assert reused(parent) == ["validate", "split", "features"]
+    assert parent["tags.trainpipe.reused.split"].endswith(f"made by run {first_parent}")
+    assert parent["metrics.test_roc_auc"] > 0.5
 
     # the split ratio: from split on
     assert invoke(folder, "run", *FAST, "split.test_size=0.2").exit_code == 0
@@ -167,8 +172,9 @@ def test_inspect_and_clean(demo_lake):
     assert result.exit_code == 0, result.output
     assert "2 output(s) removed" in result.stdout
     assert len(list(train_outputs.iterdir())) == 1
-    assert invoke(folder, "run", "model.params.n_estimators=22").exit_code == 0
-    assert ran(folder) == []  # the newest output was kept
+    result = invoke(folder, "run", "model.params.n_estimators=22")
+    assert result.exit_code == 0
+    assert ran(folder, result) == []  # the newest output was kept
     result = invoke(folder, "clean", "--step", "trian")
     assert result.exit_code == 2
     assert "--step trian: is not a step; steps with published outputs: validate," in result.output
@@ -281,8 +287,7 @@ def test_kill_9_then_resume(big_demo, moment):
     assert "RUNNING" not in set(after["status"])
     killed = set(before[before["status"] == "RUNNING"]["run_id"])
     assert set(after[after["run_id"].isin(killed)]["status"]) == {"KILLED"}
-    states = latest_cache_states(folder)
-    assert [s for s in STEPS[1:] if states[s] == "hit"] == finished  # reuses what finished
+    assert reused(latest_parent(folder)) == finished  # reuses what finished
     published_outputs_are_whole(folder / "lake")
 
 

@@ -92,6 +92,10 @@ def test_one_step_alone_reads_its_inputs_from_the_lake(demo_lake):
     assert trainpipe("run", *FAST, cwd=demo_lake).returncode == 0
     result = trainpipe("step", "evaluate", *FAST, cwd=demo_lake)
     assert result.returncode == 0, result.stderr
+    assert "up to date" in result.stdout and len(pipeline_runs(runs(demo_lake))) == 1
+
+    result = trainpipe("step", "evaluate", "--force", *FAST, cwd=demo_lake)
+    assert result.returncode == 0, result.stderr
     latest = pipeline_runs(runs(demo_lake)).iloc[0]
     assert latest["tags.trainpipe.steps"] == "evaluate"
     assert latest["metrics.test_roc_auc"] > 0.7
@@ -101,9 +105,11 @@ def test_a_step_whose_inputs_were_never_published_says_so(demo_lake):
     result = trainpipe("step", "train", cwd=demo_lake)
     assert result.returncode == 2
     assert " ".join(result.stderr.split()).startswith(
-        "error: train reads the output of features, which is not published for this config "
+        "error: train reads the output of split, which is not published for this config "
         "(fingerprint ")
-    assert "run from there first: trainpipe run --from features" in " ".join(result.stderr.split())
+    # the first step to run is the earliest missing one, in pipeline order
+    assert "run from validate first: trainpipe run --from validate" in " ".join(
+        result.stderr.split())
     assert not (demo_lake / "mlflow.db").exists() or runs(demo_lake).empty  # no run started
 
 

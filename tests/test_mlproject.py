@@ -39,5 +39,17 @@ def test_mlflow_run_main_and_a_single_step(demo_lake):
     df = mlflow.search_runs(search_all_experiments=True)
     validate_parent = df[df["tags.mlflow.project.entryPoint"] == "validate"].iloc[0]
     assert validate_parent["tags.trainpipe.steps"] == "validate"
+    assert validate_parent["status"] == "FINISHED"
+    # validate's output is published for this config: the run MLflow made records that it
+    # was reused (and which run made it) instead of redoing it in a child run
+    children = df[df["tags.mlflow.parentRunId"] == validate_parent["run_id"]]
+    assert children.empty
+    assert validate_parent["tags.trainpipe.reused.validate"].startswith("fingerprint ")
+
+    result = mlflow_run(demo_lake, "-e", "validate", "-P",
+                        f"overrides=lake.root={lake} force=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    df = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"])
+    validate_parent = df[df["tags.mlflow.project.entryPoint"] == "validate"].iloc[0]
     children = df[df["tags.mlflow.parentRunId"] == validate_parent["run_id"]]
     assert list(children["tags.trainpipe.step"]) == ["validate"]

@@ -1,101 +1,250 @@
-"""Where each step's outputs live: data in the lake, models in MLflow.
+"""Where step outputs live, and how each is stored: by declaration, never by step name.
 
-Every output is published under its step's fingerprint:
+A step module declares its outputs once, beside its code:
 
-    landing/<dataset>/validate/<fp>/   train.parquet, scoring.parquet
-    landing/<dataset>/split/<fp>/      train.parquet, val.parquet, test.parquet
-    features/<dataset>/features/<fp>/  {train,val,test}.parquet, transformer.pkl
-    models/<dataset>/train/<fp>/       model.json (the MLflow model URI)
-    models/<dataset>/evaluate/<fp>/    metrics.json
+    ZONE = "landing"
+    OUTPUTS = {"splits": Tables("train", "val", "test")}
 
-Steps exchange values in memory during a run; the catalog publishes them as they are
-made and loads them back for steps that run while their upstream steps were cached.
+and the catalog publishes them under `<zone>/<dataset>/<step>/<fingerprint>/` (see lake.py
+for the manifest that makes a set of files one output) and loads them back, every file
+checked against its manifest digest. An output that is not declared is not stored: when a
+later step needs it while its step was cached, the step's function runs again in memory
+(ingest re-reads the raw zone).
+
+Codecs: Table (one DataFrame, Parquet), Tables (several), Pickle, Json, MlflowModel (the
+model lives in MLflow; the lake keeps its URI). Json outputs and models may name what the
+pipeline's parent run records from them (metrics, tags): read from the verified files, so a
+re-run that redoes nothing still reports them without MLflow.
 """
 
 import io
 import json
 import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+import pandas as pd
 from omegaconf import DictConfig
 
-from trainpipe.lake import Lake, Source, to_parquet_bytes
-from trainpipe.steps import ingest
-from trainpipe.steps.split import SPLITS
-from trainpipe.tracking import Tracking
+from trainpipe.lake import DamagedOutput, Lake, Source, to_parquet_bytes
 
-ZONES = {"validate": "landing", "split": "landing", "features": "features",
-         "train": "models", "evaluate": "models"}
+Files = dict[str, bytes]
+Read = Callable[[str], bytes]  # a published file's verified bytes, by name
 
 
-def output_base(dataset: str, step: str) -> str:
+@dataclass
+class SaveContext:
+    """What a codec may use while publishing: the step's other outputs (a model's input
+    example), and a way to log a model to the step's MLflow run."""
+
+    outputs: dict[str, Any]
+    log_model: Callable[..., str]
+
+
+class Codec:
+    """How one output is stored: `dump` makes its files, `load` reads them back, `record`
+    says what the parent run records from them. `optional`: None is a valid value (no file)."""
+
+    optional: bool = False
+
+    def names(self) -> tuple[str, ...]:
+        return (self.file,)
+
+    def dump(self, value, ctx: SaveContext) -> Files:
+        raise NotImplementedError
+
+    def load(self, read: Read):
+        raise NotImplementedError
+
+    def record(self, read: Read) -> tuple[dict[str, str], dict[str, float]]:
+        return {}, {}
+
+
+@dataclass(frozen=True)
+class Table(Codec):
+    file: str
+    optional: bool = False
+
+    def dump(self, value: pd.DataFrame, ctx: SaveContext) -> Files:
+        return {self.file: to_parquet_bytes(value)}
+
+    def load(self, read: Read) -> pd.DataFrame:
+        return pd.read_parquet(io.BytesIO(read(self.file)))
+
+
+@dataclass(frozen=True)
+class Tables(Codec):
+    """A dict of DataFrames, one Parquet file each (the train/val/test splits)."""
+
+    keys: tuple[str, ...]
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(f"{k}.parquet" for k in self.keys)
+
+    def dump(self, value: dict[str, pd.DataFrame], ctx: SaveContext) -> Files:
+        return {f"{k}.parquet": to_parquet_bytes(value[k]) for k in self.keys}
+
+    def load(self, read: Read) -> dict[str, pd.DataFrame]:
+        return {k: pd.read_parquet(io.BytesIO(read(f"{k}.parquet"))) for k in self.keys}
+
+
+@dataclass(frozen=True)
+class Pickle(Codec):
+    file: str
+
+    def dump(self, value, ctx: SaveContext) -> Files:
+        return {self.file: pickle.dumps(value)}
+
+    def load(self, read: Read):
+        return pickle.loads(read(self.file))
+
+
+@dataclass(frozen=True)
+class Json(Codec):
+    """A JSON document. `parent="metrics"`: its numbers are the parent run's metrics;
+    `parent="tags"`: its `tags` mapping is set on the parent run."""
+
+    file: str
+    parent: str | None = None
+
+    def dump(self, value: dict, ctx: SaveContext) -> Files:
+        return {self.file: json.dumps(value, indent=2, default=str).encode()}
+
+    def load(self, read: Read) -> dict:
+        try:
+            return json.loads(read(self.file))
+        except ValueError as exc:
+            raise DamagedOutput(self.file, f"not JSON ({exc})") from None
+
+    def record(self, read: Read) -> tuple[dict[str, str], dict[str, float]]:
+        if self.parent == "metrics":
+            return {}, {k: float(v) for k, v in self.load(read).items()}
+        if self.parent == "tags":
+            return {k: str(v) for k, v in self.load(read).get("tags", {}).items()}, {}
+        return {}, {}
+
+
+@dataclass(frozen=True)
+class MlflowModel(Codec):
+    """A model logged to the step's MLflow run; the lake keeps `model.json` (its URI).
+    `example` names the step's output that is the model's input example."""
+
+    example: str
+    file: str = "model.json"
+
+    def dump(self, value, ctx: SaveContext) -> Files:
+        uri = ctx.log_model(value, ctx.outputs[self.example])
+        return {self.file: json.dumps({"model_uri": uri}).encode()}
+
+    def load(self, read: Read):
+        import mlflow.sklearn
+
+        return mlflow.sklearn.load_model(self.uri(read))
+
+    def uri(self, read: Read) -> str:
+        try:
+            return str(json.loads(read(self.file))["model_uri"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DamagedOutput(self.file, f"no model URI in it ({exc!r})") from None
+
+    def record(self, read: Read) -> tuple[dict[str, str], dict[str, float]]:
+        return {"trainpipe.model_uri": self.uri(read)}, {}
+
+
+def output_base(dataset: str, step: str, zone: str) -> str:
     """The folder holding every published output of `step`, one sub-folder per fingerprint."""
-    return f"{ZONES[step]}/{dataset}/{step}"
+    return f"{zone}/{dataset}/{step}"
+
+
+def stored(module) -> dict[str, Codec]:
+    """A step module's stored outputs: name -> codec ({} for a step that stores nothing)."""
+    return {name: codec for name, codec in module.OUTPUTS.items() if codec is not None}
 
 
 class Catalog:
-    def __init__(self, cfg: DictConfig, lake: Lake, tracking: Tracking | None,
-                 sources: dict[str, Source], fingerprints: dict[str, str]):
-        self.cfg, self.lake, self.tracking = cfg, lake, tracking
-        self.sources, self.fingerprints = sources, fingerprints
+    """The outputs of one config's steps. `steps` maps a step name to its module (which
+    declares ZONE and OUTPUTS), `fingerprints` a step name to its fingerprint."""
+
+    def __init__(self, cfg: DictConfig, lake: Lake, sources: dict[str, Source],
+                 fingerprints: dict[str, str], steps: dict[str, Any]):
+        self.cfg, self.lake, self.sources = cfg, lake, sources
+        self.fingerprints, self.steps = fingerprints, steps
+        self.producer = {out: name for name, module in steps.items() for out in module.OUTPUTS}
+        self._verified: dict[tuple[str, str], bytes] = {}  # (step, file) -> checked bytes
+
+    def publishes(self, step: str) -> bool:
+        return bool(stored(self.steps[step]))
 
     def prefix(self, step: str) -> str:
-        return f"{output_base(self.cfg.dataset.name, step)}/{self.fingerprints[step]}"
+        base = output_base(self.cfg.dataset.name, step, self.steps[step].ZONE)
+        return f"{base}/{self.fingerprints[step]}"
+
+    def url(self, step: str) -> str:
+        return self.lake.url(self.prefix(step))
 
     def manifest(self, step: str) -> dict | None:
-        return self.lake.manifest(self.prefix(step)) if step in ZONES else None
+        """The manifest of the step's published output, None when there is none; a damaged
+        one (not JSON, a declared file missing, a name outside its folder) raises
+        DamagedOutput."""
+        if not self.publishes(step):
+            return None
+        manifest = self.lake.manifest(self.prefix(step))
+        if manifest is not None:
+            for name, codec in stored(self.steps[step]).items():
+                missing = set(codec.names()) - set(manifest["files"])
+                if missing and not (codec.optional and missing == set(codec.names())):
+                    raise DamagedOutput(self.url(step), f"the manifest lacks {sorted(missing)} "
+                                        f"(output {name!r})")
+        return manifest
 
-    def save(self, step: str, outputs: dict, run_id: str) -> dict:
-        """Publish a step's outputs; returns the manifest. `manifest["parent"]` holds what
-        the pipeline's parent run records from this step (tags, metrics)."""
-        if step not in ZONES:  # ingest: the raw zone is read-only, nothing to publish
+    def save(self, step: str, outputs: dict[str, Any], log_model: Callable[..., str],
+             **runs: str | None) -> dict:
+        """Publish a step's stored outputs; returns the manifest ({} when it stores none)."""
+        codecs = stored(self.steps[step])
+        if not codecs:
             return {}
-        files: dict[str, bytes] = {}
-        parent: dict = {}
-        if step == "validate":
-            files["train.parquet"] = to_parquet_bytes(outputs["validated"])
-            if outputs.get("scoring") is not None:
-                files["scoring.parquet"] = to_parquet_bytes(outputs["scoring"])
-        elif step == "split":
-            files = {f"{n}.parquet": to_parquet_bytes(df) for n, df in outputs["splits"].items()}
-        elif step == "features":
-            files = {f"{n}.parquet": to_parquet_bytes(df) for n, df in outputs["features"].items()}
-            files["transformer.pkl"] = pickle.dumps(outputs["transformer"])
-        elif step == "train":
-            model = outputs["model"]
-            model_uri = self.tracking.log_model(model, outputs["example"],
-                                                type(model[-1]).__module__)
-            files["model.json"] = json.dumps({"model_uri": model_uri}).encode()
-            parent["tags"] = {"trainpipe.model_uri": model_uri}
-        elif step == "evaluate":
-            metrics = outputs["metrics"]
-            files["metrics.json"] = json.dumps(metrics, indent=2).encode()
-            parent["metrics"] = {k: v for k, v in metrics.items() if k.startswith("test_")}
-        rows = {"rows": len(outputs["validated"])} if step == "validate" else {}
-        return self.lake.publish(self.prefix(step), files, run_id=run_id,
-                                 fingerprint=self.fingerprints[step], parent=parent, **rows)
+        ctx = SaveContext(outputs, log_model)
+        files: Files = {}
+        for name, codec in codecs.items():
+            if outputs.get(name) is None and codec.optional:
+                continue
+            files |= codec.dump(outputs[name], ctx)
+        manifest = self.lake.publish(self.prefix(step), files,
+                                     fingerprint=self.fingerprints[step], **runs)
+        self._verified |= {(step, name): data for name, data in files.items()}
+        return manifest
 
-    def load(self, name: str):
-        """An input for a step that runs while the step producing it was cached."""
-        if name in ("raw", "raw_scoring"):
-            role = "train" if name == "raw" else "scoring"
-            return ingest.to_table(self.sources[role]) if role in self.sources else None
-        if name in ("validated", "scoring"):
-            prefix = self.prefix("validate")
-            manifest = self.lake.manifest(prefix)
-            file = "train.parquet" if name == "validated" else "scoring.parquet"
-            if name == "scoring" and manifest and file not in manifest["files"]:
-                return None
-            return self.lake.read_parquet(prefix, file, manifest)
-        if name in ("splits", "features"):
-            prefix = self.prefix("split" if name == "splits" else "features")
-            manifest = self.lake.manifest(prefix)
-            return {n: self.lake.read_parquet(prefix, f"{n}.parquet", manifest) for n in SPLITS}
-        if name == "transformer":
-            data = self.lake.read(self.prefix("features"), "transformer.pkl")
-            return pickle.load(io.BytesIO(data))
-        if name == "model":
-            import mlflow.sklearn
+    def load(self, name: str, compute: Callable[[str], dict[str, Any]]):
+        """An output of a step that did not run in this process. What is stored is read
+        (and checked); what is not is made again by `compute(step)` (ingest: re-read)."""
+        step = self.producer[name]
+        codec = stored(self.steps[step]).get(name)
+        if codec is None:
+            return compute(step)[name]
+        manifest = self.manifest(step)
+        if manifest is None:
+            raise DamagedOutput(self.url(step), "it is not published")
+        if codec.optional and not set(codec.names()) & set(manifest["files"]):
+            return None
+        return codec.load(lambda file: self.read(step, file, manifest))
 
-            pointer = json.loads(self.lake.read(self.prefix("train"), "model.json"))
-            return mlflow.sklearn.load_model(pointer["model_uri"])
-        raise KeyError(name)
+    def read(self, step: str, file: str, manifest: dict) -> bytes:
+        """A published file's bytes, checked against the manifest's digest (once a run)."""
+        key = (step, file)
+        if key not in self._verified:
+            self._verified[key] = self.lake.read(self.prefix(step), file, manifest)
+        return self._verified[key]
+
+    def record(self, step: str, manifest: dict) -> tuple[dict[str, str], dict[str, float]]:
+        """What the parent run records from a step's output (tags, metrics), from its
+        checked files."""
+        tags: dict[str, str] = {}
+        metrics: dict[str, float] = {}
+        for codec in stored(self.steps[step]).values():
+            if set(codec.names()) <= set(manifest["files"]):
+                more_tags, more_metrics = codec.record(
+                    lambda file: self.read(step, file, manifest))  # noqa: B023 - called now
+                tags |= more_tags
+                metrics |= more_metrics
+        return tags, metrics

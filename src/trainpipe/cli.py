@@ -63,26 +63,29 @@ def step(name: StepName, overrides: Overrides = None, multirun: Multirun = False
 def inspect(overrides: Overrides = None, config_dir: ConfigDir = None,
             verbose: Verbose = False) -> None:
     """Show the steps in order: fingerprint, cache state, the run that made the output."""
-    from trainpipe import config, lake, pipeline
-    from trainpipe.catalog import Catalog
+    from trainpipe import config, pipeline
+    from trainpipe.lake import DamagedOutput
     from trainpipe.steps import ingest
 
     try:
         cfg = config.compose(config.split_overrides(overrides or []), config_dir)
-        sources = ingest.read_sources(cfg)
-        catalog = Catalog(cfg, lake.Lake(cfg.lake.root), None, sources,
-                          pipeline.fingerprints(cfg, sources))
+        catalog = pipeline.catalog_for(cfg, ingest.read_sources(cfg))
     except TrainpipeError as exc:
         _fail(exc, verbose)
     table = Table(show_edge=False)
     for col in ("step", "fingerprint", "state", "made by run", "output"):
         table.add_column(col, overflow="fold")
     for name in pipeline.STEP_NAMES:
-        manifest = catalog.manifest(name)
-        where = catalog.lake.url(catalog.prefix(name)) if manifest else ""
-        state = "published" if manifest else ("-" if name == "ingest" else "missing")
-        table.add_row(name, catalog.fingerprints[name][:12], state,
-                      (manifest or {}).get("run_id", ""), redact_text(where))
+        try:
+            manifest, state = catalog.manifest(name), "published"
+        except DamagedOutput:
+            manifest, state = None, "damaged"
+        if manifest is None and state != "damaged":
+            state = "missing" if catalog.publishes(name) else "-"
+        where = catalog.url(name) if catalog.publishes(name) else ""
+        made_by = (manifest or {}).get("pipeline_run_id") or (manifest or {}).get("run_id", "")
+        table.add_row(name, catalog.fingerprints[name][:12], state, made_by,
+                      redact_text(where))
     out.print(table)
 
 
@@ -236,26 +239,36 @@ def _run_one(cfg, overrides, span, force, verbose) -> int:
 
 
 def _summary(cfg, result) -> None:
-    from trainpipe.tracking import normalise_uri, ui_hint
+    from trainpipe.config import tracking_uri
+    from trainpipe.redaction import redact_uri
 
-    if result.run_id is None and all(r.status == "pending" for r in result.steps):
+    if result.up_to_date:
+        out.print("  [blue]=[/] up to date: every step's output is published for this config; "
+                  "nothing to run (--force redoes it)", highlight=False, soft_wrap=True)
+    elif result.run_id is None and all(r.status == "pending" for r in result.steps):
         return  # stopped before any run started (config, source, server): the error says it
-    table = Table(title="summary", show_edge=False, title_justify="left")
-    for col in ("step", "status", "seconds", "result"):
-        table.add_column(col)
-    for r in result.steps:
-        table.add_row(r.name, r.status, f"{r.seconds:.2f}", r.summary)
-    out.print(table)
+    else:
+        table = Table(title="summary", show_edge=False, title_justify="left")
+        for col in ("step", "status", "seconds", "result"):
+            table.add_column(col)
+        for r in result.steps:
+            table.add_row(r.name, r.status, f"{r.seconds:.2f}", r.summary)
+        out.print(table)
     for name, value in sorted(result.metrics.items()):
-        shown = f"{value:,.0f}" if float(value).is_integer() else f"{value:.4f}"
-        out.print(f"  {name:<30} {shown}", highlight=False)
+        if name.startswith("test_"):
+            shown = f"{value:,.0f}" if float(value).is_integer() else f"{value:.4f}"
+            out.print(f"  {name:<30} {shown}", highlight=False)
     if result.run_id:
         out.print(f"  run id      {result.run_id}")
     if "trainpipe.model_uri" in result.tags:
         out.print(f"  model       {result.tags['trainpipe.model_uri']}")
+    if result.made_by:
+        out.print(f"  made by run {result.made_by}")
     # soft_wrap: a command to copy must stay on one line, whatever the terminal's width
-    out.print(f"  browse      {ui_hint(normalise_uri(str(cfg.tracking.uri)))}", highlight=False,
-              soft_wrap=True)
+    uri = redact_uri(tracking_uri(cfg))
+    hint = f"open {uri}" if uri.startswith(("http://", "https://")) else (
+        f"mlflow ui --backend-store-uri {uri}")
+    out.print(f"  browse      {hint}", highlight=False, soft_wrap=True)
 
 
 def _report_error(exc: BaseException, verbose: bool) -> int:

@@ -94,6 +94,15 @@ def _check_split(split: DictConfig) -> None:
                           "(0, 1) and together less than 1")
 
 
+def tracking_uri(cfg: DictConfig) -> str:
+    """`tracking.uri` as MLflow must be given it: SQLAlchemy 2.1 maps a bare postgresql://
+    to psycopg 3, and trainpipe ships psycopg2."""
+    uri = str(cfg.tracking.uri)
+    if uri.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg2://" + uri.split("://", 1)[1]
+    return uri
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 

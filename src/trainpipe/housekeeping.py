@@ -11,10 +11,10 @@ import time
 
 from omegaconf import DictConfig
 
-from trainpipe.catalog import ZONES, output_base
+from trainpipe.catalog import output_base
 from trainpipe.errors import ConfigError
 from trainpipe.lake import Lake
-from trainpipe.pipeline import STEP_NAMES
+from trainpipe.pipeline import STEP_NAMES, ZONES
 
 ABANDONED_AFTER = 3600  # seconds
 
@@ -29,7 +29,7 @@ def clean(cfg: DictConfig, step: str | None, keep: int) -> list[str]:
     lake = Lake(cfg.lake.root)
     removed = []
     for name in [step] if step else list(ZONES):
-        outputs = lake.outputs(output_base(cfg.dataset.name, name))
+        outputs = lake.outputs(output_base(cfg.dataset.name, name, ZONES[name]))
         published = sorted(((m["created"], p) for p, m in outputs if m), reverse=True)
         for _, prefix in published[keep:]:
             lake.remove(prefix)

@@ -44,6 +44,18 @@ S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60,
              "retries": {"total_max_attempts": S3_ATTEMPTS, "mode": "standard"}}
 
 
+class DamagedOutput(TrainpipeError):
+    """A published output that cannot be trusted: its manifest is not JSON or names files
+    outside its folder, or a file's bytes differ from the digest the manifest recorded.
+    The pipeline treats it as not published (and redoes its step)."""
+
+    exit_code = 1
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{redact_uri(where)}: damaged output: {reason}")
+        self.where, self.reason = where, reason
+
+
 class LakeUnavailable(TrainpipeError):
     """The lake's storage cannot be reached (after retries): the endpoint is down or gone."""
 
@@ -196,6 +208,23 @@ def _reason(exc: BaseException) -> str:
     return redact_text(f"{type(exc).__name__}: {text}"[:300])
 
 
+class OutsideLake(TrainpipeError):
+    """A name that would reach outside the lake root (`..`, an absolute path)."""
+
+    exit_code = 2
+
+    def __init__(self, where: str, part: str):
+        super().__init__(f"{redact_uri(where)}: {part!r} would reach outside the lake root")
+
+
+def _inside_output(path: str, name: str) -> bool:
+    """A manifest entry's path is `<attempt>/<name>`: one plain folder, then the file."""
+    attempt, _, file = path.partition("/")
+    plain = all(p and p not in (".", "..") and "/" not in p and "\\" not in p
+                for p in (attempt, file))
+    return plain and file == name
+
+
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -311,6 +340,12 @@ class Lake:
         return posixpath.join(self.root, *parts)
 
     def _path(self, *parts: str) -> str:
+        """The storage path of a key under the root; never outside it (a '..' or an
+        absolute part in a name from config or a manifest is refused)."""
+        for part in parts:
+            segments = part.split("/")
+            if part.startswith("/") or ".." in segments or "\0" in part:
+                raise OutsideLake(self.url(*parts), part)
         return posixpath.join(self._root_path, *parts)
 
     def publish(self, prefix: str, files: dict[str, bytes], **meta: Any) -> dict:
@@ -330,21 +365,47 @@ class Lake:
         return manifest
 
     def manifest(self, prefix: str) -> dict | None:
+        """The manifest of the output under `prefix`; None when there is none. DamagedOutput
+        when it is not a manifest: not JSON, no `files`, a file named outside its folder."""
         try:
             with storage_errors(self.url(prefix, MANIFEST), "read it"):
-                return json.loads(self.fs.cat_file(self._path(prefix, MANIFEST)))
+                data = self.fs.cat_file(self._path(prefix, MANIFEST))
         except FileNotFoundError:
             return None
+        where = self.url(prefix, MANIFEST)
+        try:
+            manifest = json.loads(data)
+        except ValueError as exc:
+            raise DamagedOutput(where, f"not JSON ({exc})") from None
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict):
+            raise DamagedOutput(where, "it has no `files` mapping")
+        for name, entry in files.items():
+            path = entry.get("path") if isinstance(entry, dict) else None
+            if not (isinstance(path, str) and isinstance(entry.get("sha256"), str)
+                    and _inside_output(path, name)):
+                raise DamagedOutput(where, f"the entry for {name!r} does not name a file of "
+                                    "this output with its digest")
+        return manifest
 
     def read(self, prefix: str, name: str, manifest: dict | None = None) -> bytes:
-        """A published file; SourceError when its output was never (fully) published."""
+        """A published file, checked against its manifest digest; SourceError when its output
+        was never (fully) published, DamagedOutput when the bytes are not what was published."""
         manifest = manifest or self.manifest(prefix)
         if manifest is None or name not in manifest["files"]:
             raise SourceError(f"{redact_uri(self.url(prefix))}: not published yet "
                               "(run the steps before this one first)")
-        path = manifest["files"][name]["path"]
-        with storage_errors(self.url(prefix, path), "read it"):
-            return self.fs.cat_file(self._path(prefix, path))
+        entry = manifest["files"][name]
+        try:
+            with storage_errors(self.url(prefix, entry["path"]), "read it"):
+                data = self.fs.cat_file(self._path(prefix, entry["path"]))
+        except FileNotFoundError:
+            raise DamagedOutput(self.url(prefix), f"{name} is missing") from None
+        if digest(data) != entry["sha256"]:
+            raise DamagedOutput(self.url(prefix), f"{name} is not the file that was published "
+                                f"({len(data):,} bytes, sha256 {digest(data)[:12]}; the "
+                                f"manifest says {entry['sha256'][:12]})")
+        return data
 
     def read_parquet(self, prefix: str, name: str, manifest: dict | None = None):
         return pd.read_parquet(io.BytesIO(self.read(prefix, name, manifest)))

@@ -3,10 +3,13 @@
     raw zone ─▶ ingest ─▶ validate ─▶ split ─▶ features ─▶ train ─▶ evaluate
 
 Before anything runs, every step gets its fingerprint (see cache.py). A step whose
-output is already published under its fingerprint is not run again ("cached"); so a
-re-run redoes only what a change affects, and a crashed run resumes where it stopped.
+output is already published under its fingerprint is reused, not run again; so a re-run
+redoes only what a change affects, and a crashed run resumes where it stopped. When
+every step is reused there is nothing to record: no MLflow run is made (and MLflow is not
+even imported), the result comes from the lake's manifests.
 """
 
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -17,37 +20,42 @@ from types import ModuleType
 from omegaconf import DictConfig
 
 from trainpipe import cache, demo, lake
-from trainpipe.catalog import ZONES, Catalog
+from trainpipe.catalog import Catalog, stored
 from trainpipe.errors import ConfigError, Interrupted
+from trainpipe.lake import DamagedOutput
 from trainpipe.steps import evaluate, features, ingest, split, train, validate
 
 
 @dataclass(frozen=True)
 class Step:
     name: str
-    module: ModuleType  # its `run(cfg, **inputs)` does the work
+    module: ModuleType  # `run(cfg, **inputs)` does the work; OUTPUTS declares what it makes
     inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
     reads: tuple[str, ...]  # the config keys it reads: part of its fingerprint
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(self.module.OUTPUTS)
 
 
 DATASET = ("dataset.target", "dataset.task")
 STEPS = (
-    Step("ingest", ingest, ("sources",), ("raw", "raw_scoring"), ()),
-    Step("validate", validate, ("raw", "raw_scoring"), ("validated", "scoring"),
+    Step("ingest", ingest, ("sources",), ()),
+    Step("validate", validate, ("raw", "raw_scoring"),
          ("dataset.name", "dataset.columns", "dataset.id_column", "dataset.strict", "validate",
           *DATASET)),
-    Step("split", split, ("validated",), ("splits",), ("seed", "split", *DATASET)),
-    Step("features", features, ("splits",), ("transformer", "features"),
+    Step("split", split, ("validated",), ("seed", "split", *DATASET)),
+    Step("features", features, ("splits",),
          ("dataset.columns", "dataset.derived", "dataset.id_column", "model.preprocessing",
           *DATASET)),
     # The model lives in the tracking store: another store means another output.
-    Step("train", train, ("splits", "transformer", "features"), ("model", "example"),
-         ("model", "tracking.uri", *DATASET)),
-    Step("evaluate", evaluate, ("model", "features"), ("metrics",), ("evaluate", *DATASET)),
+    Step("train", train, ("splits", "transformer", "features"), ("model", "tracking.uri",
+                                                                 *DATASET)),
+    Step("evaluate", evaluate, ("model", "features"), ("evaluate", *DATASET)),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)
 PRODUCER = {output: step.name for step in STEPS for output in step.outputs}
+ZONES = {s.name: s.module.ZONE for s in STEPS if stored(s.module)}  # steps that publish
 
 
 @dataclass
@@ -61,10 +69,16 @@ class StepResult:
 @dataclass
 class RunResult:
     steps: list[StepResult]
-    run_id: str | None = None
+    run_id: str | None = None  # the parent run; None when nothing ran (up to date)
     tags: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    made_by: str | None = None  # up to date: the run that made the last step's output
     error: BaseException | None = None
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.error is None and self.run_id is None and bool(self.steps) and all(
+            r.status == "cached" for r in self.steps)
 
 
 def fingerprints(cfg: DictConfig, sources: dict[str, lake.Source]) -> dict[str, str]:
@@ -76,6 +90,11 @@ def fingerprints(cfg: DictConfig, sources: dict[str, lake.Source]) -> dict[str, 
             upstream = [prints[p] for p in sorted({PRODUCER[i] for i in step.inputs})]
         prints[step.name] = cache.fingerprint(step.name, step.module, cfg, step.reads, upstream)
     return prints
+
+
+def catalog_for(cfg: DictConfig, sources: dict[str, lake.Source]) -> Catalog:
+    return Catalog(cfg, lake.Lake(cfg.lake.root), sources, fingerprints(cfg, sources),
+                   {s.name: s.module for s in STEPS})
 
 
 def select(first: str | None, last: str | None) -> list[Step]:
@@ -96,105 +115,230 @@ def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
         on_notice: Callable[[str], None] = lambda m: None) -> RunResult:
     """Run the steps from `first` to `last` (default: all). Never raises: the error, if
     any, is in the result, and every MLflow run has already ended."""
-    from trainpipe.tracking import Tracking, warm_up
-
     steps = select(first, last)
     force = force or bool(cfg.get("force", False))
     result = RunResult([StepResult(s.name) for s in steps])
     try:
         with _sigterm_interrupts():
-            tracking = Tracking(cfg)  # first: an unreachable server stops us before any work
+            from trainpipe.stack import check_tracking_server
+
+            # an unreachable server stops us before any work (demo data included)
+            check_tracking_server(str(cfg.tracking.uri))
             if steps[0].name == "ingest":
                 _ensure_demo_data(cfg, on_notice)
-            sources = ingest.read_sources(cfg)
-            catalog = Catalog(cfg, lake.Lake(cfg.lake.root), tracking, sources,
-                              fingerprints(cfg, sources))
-            _check_upstream_published(catalog, steps)
-            cached = _cached(catalog, steps, force)
-            if any(cached.get(s) is None for s in ("train", "evaluate")):
-                warm_up()  # only when a model will be logged or plots drawn
-            with tracking.pipeline_run(cfg, overrides, [s.name for s in steps]) as parent:
-                result.run_id = parent
-                tracking.log_sources(parent, cfg, sources)
-                values: dict = {"sources": sources}
-                for step, step_result in zip(steps, result.steps, strict=True):
-                    values |= _run_step(cfg, step, step_result, values, catalog,
-                                        cached[step.name], result, on_step)
-                tracking.log_metrics(parent, result.metrics)
+            catalog = catalog_for(cfg, ingest.read_sources(cfg))
+            reused = plan(catalog, steps, force, on_notice)
+            recorded = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run` made a run: record
+            if all(reused[s.name] is not None for s in steps) and not recorded:
+                _report_up_to_date(catalog, steps, reused, result, on_step)
+                return result
+            _run_tracked(cfg, overrides, catalog, steps, reused, result, on_step)
     except BaseException as exc:  # noqa: BLE001 - reported to the caller, runs already ended
         result.error = exc
     return result
 
 
+def plan(catalog: Catalog, steps: list[Step], force: bool,
+         notice: Callable[[str], None] = lambda m: None) -> dict[str, dict | None]:
+    """Step name -> the manifest of the published output it reuses, or None: it runs.
+
+    Every published file the run will read (the inputs of the steps that run, what the
+    parent run records from reused steps) is read and checked against its digest here: a
+    damaged output is not reused, its step runs again."""
+    _check_upstream_published(catalog, steps)
+    selected = {s.name for s in steps}
+    damaged: set[str] = set()
+    while True:
+        reused = _reusable(catalog, steps, force, damaged, notice)
+        try:
+            for step in steps:
+                if reused[step.name] is not None:
+                    catalog.record(step.name, reused[step.name])
+                else:
+                    for name in step.inputs:
+                        _check_input(catalog, name, reused)
+            return reused
+        except DamagedOutput as exc:
+            step = _step_of(catalog, exc)
+            if step not in selected or step in damaged:
+                raise ConfigError(f"{exc}; run from {step} to make it again: trainpipe run "
+                                  f"--from {step}") from None
+            notice(f"{exc}; running {step} again")
+            damaged.add(step)
+
+
+def _reusable(catalog: Catalog, steps: list[Step], force: bool, damaged: set[str],
+              notice: Callable[[str], None]) -> dict[str, dict | None]:
+    reused: dict[str, dict | None] = {}
+    for step in reversed(steps):
+        if force or step.name in damaged:
+            reused[step.name] = None
+        elif catalog.publishes(step.name):
+            try:
+                reused[step.name] = catalog.manifest(step.name)
+            except DamagedOutput as exc:
+                notice(f"{exc}; running {step.name} again")
+                damaged.add(step.name)
+                reused[step.name] = None
+        else:  # stores nothing (ingest): reused when every step reading it is
+            readers = [s for s in steps if set(s.inputs) & set(step.outputs)]
+            done = readers and all(reused[s.name] is not None for s in readers)
+            reused[step.name] = {} if done else None
+    # An output is only as good as its inputs: once a step runs again (its output was
+    # cleaned, damaged or never finished), every later step reading from it runs again,
+    # so a new model is never paired with the metrics of an old one.
+    rerun: set[str] = set()
+    for step in steps:
+        if not catalog.publishes(step.name):
+            continue
+        if reused[step.name] is None or set(step.inputs) & rerun:
+            reused[step.name] = None
+            rerun |= set(step.outputs)
+    return reused
+
+
+def _check_input(catalog: Catalog, name: str, reused: dict[str, dict | None]) -> None:
+    """Read (and so check) the stored files behind an input the run will load."""
+    producer = PRODUCER.get(name)
+    if producer is None or reused.get(producer) is None and producer in reused:
+        return  # made in this run
+    codec = stored(catalog.steps[producer]).get(name)
+    manifest = reused.get(producer) or catalog.manifest(producer)
+    if codec is None or manifest is None:
+        return
+    for file in set(codec.names()) & set(manifest["files"]):
+        catalog.read(producer, file, manifest)
+
+
+def _step_of(catalog: Catalog, exc: DamagedOutput) -> str:
+    for step in STEP_NAMES:
+        if catalog.publishes(step) and exc.where.startswith(catalog.url(step)):
+            return step
+    raise exc
+
+
 def _check_upstream_published(catalog: Catalog, steps: list[Step]) -> None:
     """A slice (`--from`, `trainpipe step`) reads what earlier steps published for this
-    config: say which step to run first, before any run starts."""
+    config: when some of it is missing, say so before any run starts, naming the first step
+    (in pipeline order) to run again."""
     selected = {s.name for s in steps}
-    for step in steps:
-        needed = {PRODUCER[i] for i in step.inputs if i in PRODUCER} - selected - {"ingest"}
-        for producer in sorted(needed):
-            if catalog.manifest(producer) is None:
-                raise ConfigError(
-                    f"{step.name} reads the output of {producer}, which is not published for "
-                    f"this config (fingerprint {catalog.fingerprints[producer][:12]}); run from "
-                    f"there first: trainpipe run --from {producer} (or without --from)")
+
+    def published(name: str) -> bool:
+        try:
+            return not catalog.publishes(name) or catalog.manifest(name) is not None
+        except DamagedOutput:
+            return False
+
+    needed, todo = set(), [s for s in steps]
+    while todo:  # every earlier step whose output the slice needs, directly or not
+        step = todo.pop()
+        for producer in {PRODUCER[i] for i in step.inputs if i in PRODUCER} - selected - needed:
+            needed.add(producer)
+            if not published(producer) or not catalog.publishes(producer):
+                todo.append(next(s for s in STEPS if s.name == producer))
+    missing = sorted((n for n in needed if not published(n)), key=STEP_NAMES.index)
+    if not missing:
+        return
+    reader, producer = next((s.name, PRODUCER[i]) for s in steps for i in s.inputs
+                            if PRODUCER.get(i) in missing)
+    raise ConfigError(
+        f"{reader} reads the output of {producer}, which is not published for this config "
+        f"(fingerprint {catalog.fingerprints[producer][:12]}); run from {missing[0]} first: "
+        f"trainpipe run --from {missing[0]} (or without --from)")
 
 
-def _cached(catalog: Catalog, steps: list[Step], force: bool) -> dict[str, dict | None]:
-    """Step name -> the manifest of its published output, or None if it must run. A step
-    that publishes nothing (ingest) is cached when every step reading it is."""
-    cached: dict[str, dict | None] = {}
-    for step in reversed(steps):
-        if force:
-            cached[step.name] = None
-        elif step.name in ZONES:
-            cached[step.name] = catalog.manifest(step.name)
-        else:
-            readers = [s for s in steps if set(s.inputs) & set(step.outputs)]
-            done = readers and all(cached[s.name] is not None for s in readers)
-            cached[step.name] = {"run_id": None} if done else None
-    # An output is only as good as its inputs: once a step runs again (its output was
-    # cleaned or never finished), every later step reading from it runs again too, so a
-    # new model is never paired with the metrics of an old one.
-    rerun: set[str] = set()
-    for step in [s for s in steps if s.name != "ingest"]:
-        if cached[step.name] is None or set(step.inputs) & rerun:
-            cached[step.name] = None
-            rerun |= set(step.outputs)
-    return cached
+def _report_up_to_date(catalog: Catalog, steps: list[Step], reused: dict[str, dict | None],
+                       result: RunResult, on_step) -> None:
+    """Nothing to do: the result is what the lake says of the published outputs."""
+    for step, step_result in zip(steps, result.steps, strict=True):
+        manifest = reused[step.name]
+        step_result.status, step_result.summary = "cached", _reused_summary(manifest)
+        if manifest:
+            _collect(result, *catalog.record(step.name, manifest))
+            result.made_by = manifest.get("pipeline_run_id") or manifest.get("run_id")
+
+
+def _reused_summary(manifest: dict) -> str:
+    made_by = manifest.get("pipeline_run_id") or manifest.get("run_id")
+    return f"reused, made by run {made_by}" if made_by else "reused"
+
+
+def _collect(result: RunResult, tags: dict[str, str], metrics: dict[str, float],
+             tracking=None, new: bool = False) -> None:
+    """What the parent run records, as it comes (a later failure keeps what came before).
+    New metrics (from a step that ran) are also recorded on the run's logged model."""
+    result.tags |= tags
+    result.metrics |= metrics
+    if tracking is not None and result.run_id is not None:
+        if tags:
+            tracking.set_tags(result.run_id, tags)
+        if metrics:
+            model = result.tags.get("trainpipe.model_uri") if new else None
+            tracking.log_metrics(result.run_id, metrics, model_uri=model)
+
+
+def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps: list[Step],
+                 reused: dict[str, dict | None], result: RunResult, on_step) -> None:
+    from trainpipe.tracking import Tracking, warm_up
+
+    tracking = Tracking(cfg)
+    if any(reused.get(s) is None for s in ("train", "evaluate")):
+        warm_up()  # only when a model will be logged or plots drawn
+    with tracking.pipeline_run(cfg, overrides, [s.name for s in steps]) as parent:
+        result.run_id = parent
+        tracking.log_sources(parent, cfg, catalog.sources)
+        values: dict = {"sources": catalog.sources}
+
+        def compute(name: str) -> dict:  # an output that is not stored: make it again
+            step = next(s for s in STEPS if s.name == name)
+            return step.module.run(cfg, **{i: values[i] for i in step.inputs})[0]
+
+        for step, step_result in zip(steps, result.steps, strict=True):
+            if reused[step.name] is not None:
+                _reuse(tracking, catalog, step, step_result, reused[step.name], result,
+                       on_step)
+            else:
+                values |= _run_step(cfg, step, step_result, values, catalog, tracking,
+                                    compute, result, on_step)
+
+
+def _reuse(tracking, catalog: Catalog, step: Step, step_result: StepResult, manifest: dict,
+           result: RunResult, on_step) -> None:
+    """A reused step makes no run of its own: the parent run lists it (its fingerprint and
+    the run that made its output)."""
+    step_result.status, step_result.summary = "cached", _reused_summary(manifest)
+    if manifest:
+        made_by = manifest.get("pipeline_run_id") or manifest.get("run_id") or "?"
+        tags, metrics = catalog.record(step.name, manifest)
+        tags[f"trainpipe.reused.{step.name}"] = (
+            f"fingerprint {catalog.fingerprints[step.name]}, made by run {made_by}")
+        _collect(result, tags, metrics, tracking)
+    on_step(step_result)
 
 
 def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: Catalog,
-              cached: dict | None, result: RunResult, on_step) -> dict:
-    tracking = catalog.tracking
+              tracking, compute, result: RunResult, on_step) -> dict:
     fingerprint = catalog.fingerprints[step.name]
     step_result.status = "running"
     on_step(step_result)
     start = time.perf_counter()
-    outputs: dict = {}
     try:
-        with tracking.step_run(step.name, fingerprint, cached) as run_id:
-            if cached is not None:
-                manifest, status = cached, "cached"
-                made_by = manifest.get("run_id")
-                summary = f"cached, from run {made_by}" if made_by else "cached"
-            else:
-                inputs = {n: values[n] if n in values else catalog.load(n)
-                          for n in step.inputs}
-                try:
-                    outputs, report = step.module.run(cfg, **inputs)
-                except Exception as exc:
-                    _record_failure_report(tracking, run_id, exc)
-                    raise
-                manifest = catalog.save(step.name, outputs, run_id)
-                tracking.record(run_id, report)
-                status, summary = "done", report.summary
-            parent = manifest.get("parent", {})
-            if parent.get("tags"):
-                tracking.set_tags(result.run_id, parent["tags"])
-            result.tags |= parent.get("tags", {})
-            result.metrics |= parent.get("metrics", {})
-        step_result.status, step_result.summary = status, summary
+        with tracking.step_run(step.name, fingerprint) as run_id:
+            for name in step.inputs:
+                if name not in values:
+                    values[name] = catalog.load(name, compute)
+            inputs = {name: values[name] for name in step.inputs}
+            try:
+                outputs, report = step.module.run(cfg, **inputs)
+            except Exception as exc:
+                _record_failure_report(tracking, run_id, exc)
+                raise
+            manifest = catalog.save(step.name, outputs, tracking.log_model, run_id=run_id,
+                                    pipeline_run_id=result.run_id)
+            tracking.record(run_id, report)
+            if manifest:
+                _collect(result, *catalog.record(step.name, manifest), tracking, new=True)
+        step_result.status, step_result.summary = "done", report.summary
     except (KeyboardInterrupt, Interrupted):
         step_result.status = "killed"
         raise

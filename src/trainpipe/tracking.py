@@ -25,6 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from omegaconf import DictConfig, OmegaConf
 
 import trainpipe
+from trainpipe.config import tracking_uri
 from trainpipe.errors import Interrupted
 from trainpipe.redaction import redact_text, redact_uri
 from trainpipe.steps import Report
@@ -48,22 +49,10 @@ def quiet_mlflow() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
 
 
-def normalise_uri(uri: str) -> str:
-    """SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; trainpipe ships psycopg2."""
-    if uri.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg2://" + uri.split("://", 1)[1]
-    return uri
-
-
-def ui_hint(uri: str) -> str:
-    if uri.startswith(("http://", "https://")):
-        return f"open {redact_uri(uri)}"
-    return f"mlflow ui --backend-store-uri {redact_uri(uri)}"
-
-
 class Tracking:
     def __init__(self, cfg: DictConfig):
-        self.uri = normalise_uri(str(cfg.tracking.uri))
+        self.cfg = cfg
+        self.uri = tracking_uri(cfg)
         self.experiment = str(cfg.tracking.experiment)
         from trainpipe.stack import check_tracking_server
 
@@ -102,11 +91,8 @@ class Tracking:
             yield run_id
 
     @contextmanager
-    def step_run(self, name: str, fingerprint: str, cached: dict | None) -> Iterator[str]:
-        tags = {"trainpipe.step": name, "trainpipe.fingerprint": fingerprint,
-                "trainpipe.cache": "miss" if cached is None else "hit", **_process_tags()}
-        if cached and cached.get("run_id"):
-            tags["trainpipe.cache.run_id"] = cached["run_id"]  # the run that made the output
+    def step_run(self, name: str, fingerprint: str) -> Iterator[str]:
+        tags = {"trainpipe.step": name, "trainpipe.fingerprint": fingerprint, **_process_tags()}
         tags["mlflow.parentRunId"] = mlflow.active_run().info.run_id
         with self._ended_run(name, tags | _source_tags()) as run_id:
             yield run_id
@@ -166,8 +152,12 @@ class Tracking:
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, redact_text(v)) for k, v in tags.items()])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0)
+    def log_metrics(self, run_id: str, metrics: dict[str, float],
+                    model_uri: str | None = None) -> None:
+        """Metrics on a run; with `model_uri` (models:/m-...), also on that logged model, so
+        MLflow's Models page shows them beside it."""
+        model_id = model_uri.rsplit("/", 1)[-1] if model_uri else None
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0, model_id=model_id)
                                                for k, v in metrics.items()])
 
     def log_sources(self, run_id: str, cfg: DictConfig, sources: dict) -> None:
@@ -201,18 +191,27 @@ class Tracking:
             time.sleep(0.2)
             self.client.log_inputs(run_id, datasets=inputs)
 
-    def log_model(self, model, example, estimator_module: str) -> str:
-        """Log the inference pipeline to the active (train) run; return its model URI."""
+    def log_model(self, model, example) -> str:
+        """Log the inference pipeline to the active (train) run; return its model URI. It is
+        named after the dataset and the model (`hotel_bookings-lightgbm`) and carries the
+        estimator's parameters."""
         import mlflow.sklearn
         from mlflow.models import infer_signature
 
+        estimator = model[-1]
         packages = [*MODEL_REQUIREMENTS]
-        extra = MODULE_PACKAGES.get(estimator_module.split(".")[0])
+        extra = MODULE_PACKAGES.get(type(estimator).__module__.split(".")[0])
         if extra and extra not in packages:
             packages.append(extra)
+        params = OmegaConf.to_container(self.cfg.model.get("params") or {}, resolve=True)
         info = mlflow.sklearn.log_model(
             model,
-            name="model",
+            name=f"{self.cfg.dataset.name}-{self.cfg.model.name}",
+            params={k: _param_value(v) for k, v in params.items()},
+            tags={"trainpipe.dataset": self.cfg.dataset.name,
+                  "trainpipe.model": self.cfg.model.name,
+                  "trainpipe.estimator": f"{type(estimator).__module__}."
+                                         f"{type(estimator).__name__}"},
             signature=infer_signature(example, model.predict(example)),
             input_example=example,
             # Explicit requirements: inferring them re-imports the model (seconds).

@@ -6,7 +6,11 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from trainpipe.catalog import Json
 from trainpipe.steps import Report
+
+ZONE = "models"
+OUTPUTS = {"metrics": Json("metrics.json", parent="metrics")}
 
 
 def run(cfg: DictConfig, model, features: dict[str, pd.DataFrame]) -> tuple[dict, Report]:

@@ -8,8 +8,12 @@ needs nothing from trainpipe to load.
 import pandas as pd
 from omegaconf import DictConfig
 
+from trainpipe.catalog import Pickle, Tables
 from trainpipe.schema import feature_columns
 from trainpipe.steps import Report
+
+ZONE = "features"
+OUTPUTS = {"transformer": Pickle("transformer.pkl"), "features": Tables(("train", "val", "test"))}
 
 
 def build_transformer(cfg: DictConfig):

@@ -12,6 +12,9 @@ from trainpipe.lake import Source, absolute, read_source
 from trainpipe.redaction import redact_uri
 from trainpipe.steps import Report
 
+ZONE = None  # the raw zone is read-only: ingest stores nothing, it is re-read when needed
+OUTPUTS = {"raw": None, "raw_scoring": None}
+
 
 @dataclass(frozen=True)
 class RawTable:

@@ -3,9 +3,12 @@
 import pandas as pd
 from omegaconf import DictConfig
 
+from trainpipe.catalog import Tables
 from trainpipe.steps import Report
 
 SPLITS = ("train", "val", "test")
+ZONE = "landing"
+OUTPUTS = {"splits": Tables(SPLITS)}
 
 
 def run(cfg: DictConfig, validated: pd.DataFrame) -> tuple[dict, Report]:

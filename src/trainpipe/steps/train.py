@@ -7,8 +7,14 @@ predicts on raw rows exactly as training saw them.
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from trainpipe.catalog import MlflowModel
 from trainpipe.errors import ConfigError
 from trainpipe.steps import Report
+
+ZONE = "models"
+# The model lives in the tracking store; `example` (rows as the model takes them) is its
+# input example there and is not stored in the lake.
+OUTPUTS = {"model": MlflowModel(example="example"), "example": None}
 
 EXAMPLE_ROWS = 5
 

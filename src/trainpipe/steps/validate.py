@@ -10,11 +10,14 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from trainpipe.catalog import Table
 from trainpipe.errors import DataValidationError
 from trainpipe.schema import build_schema
 from trainpipe.steps import Report
 from trainpipe.steps.ingest import RawTable
 
+ZONE = "landing"
+OUTPUTS = {"validated": Table("train.parquet"), "scoring": Table("scoring.parquet", optional=True)}
 EXAMPLES = 5  # example failing values shown per column and check
 
 
