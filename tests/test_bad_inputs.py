@@ -104,6 +104,16 @@ def drop(col):
     return lambda df: df.drop(columns=[col])
 
 
+def drop_every_feature(folder: Path) -> list[str]:
+    from omegaconf import OmegaConf
+
+    from trainpipe.config import CONF_DIR
+
+    columns = OmegaConf.load(CONF_DIR / "dataset" / "hotel_bookings.yaml").columns
+    return [f"++dataset.columns.{c}.kind=drop" for c in columns
+            if c not in ("id", "booking_status")]
+
+
 CASES = [
     Case("out_of_range", set_cell(4, "arrival_month", 13), 3,
          ["arrival_month · less_than_or_equal_to(12) · 1 row · e.g. row 4: 13"]),
@@ -185,6 +195,21 @@ CASES = [
     Case("unknown_dataset", lambda folder: ["dataset=nope"], 2, ["nope"]),
     Case("bad_split_ratio", lambda folder: ["split.test_size=0.9", "split.val_size=0.2"], 2,
          ["split.val_size=0.2, split.test_size=0.9"]),
+    Case("yaml_derived_runs_code", dataset_yaml((
+        "total_guests: no_of_adults + no_of_children",
+        "total_guests: \"@warnings.sys.modules.get('os').system('echo pwned')\"")), 2,
+         ["dataset.derived.total_guests: ", "is not allowed: not a formula",
+          "A formula may use feature columns"], absent=["pwned\n"]),
+    Case("yaml_derived_unknown_column", dataset_yaml(("no_of_adults + no_of_children",
+                                                      "no_of_adults + no_of_childs")), 2,
+         ["dataset.derived.total_guests: 'no_of_adults + no_of_childs': unknown column "
+          "'no_of_childs' (did you mean 'no_of_children'?); feature columns: no_of_adults, "]),
+    Case("yaml_derived_repeats_a_column", dataset_yaml(("total_nights:", "lead_time:")), 2,
+         ["dataset.derived.lead_time: 'lead_time' is already a column in dataset.columns; "
+          "give the derived column a new name"]),
+    Case("yaml_no_feature_columns", drop_every_feature, 2,
+         ["no feature columns: every column of dataset.columns is the target, the id_column "
+          "or has kind: drop"]),
 ]
 
 

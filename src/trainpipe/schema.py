@@ -45,6 +45,9 @@ def check_dataset_config(dataset: DictConfig) -> None:
         col = dataset.get(key)
         if col is not None and col not in columns:
             raise ConfigError(f"{where}: dataset.{key} {col!r} is not among dataset.columns")
+    from trainpipe.expressions import parse_derived  # imports this module: import it late
+
+    parse_derived(dataset)  # the features and derived formulas: ConfigError naming the key
 
 
 def column_kind(spec: DictConfig) -> str:

@@ -1,14 +1,16 @@
 """features: a scikit-learn transformer built from the dataset config, fitted on the
 training split only, applied to every split.
 
-The transformer uses scikit-learn and pandas classes only, so the logged model
-needs nothing from trainpipe to load.
+The transformer uses scikit-learn and pandas classes, and for derived columns the
+formula evaluator of expressions.py, which is pickled by value: the logged model needs
+nothing from trainpipe to load.
 """
 
 import pandas as pd
 from omegaconf import DictConfig
 
 from trainpipe.catalog import Pickle, Tables
+from trainpipe.expressions import add_derived, parse_derived
 from trainpipe.schema import feature_columns
 from trainpipe.steps import Report
 
@@ -31,7 +33,7 @@ def build_transformer(cfg: DictConfig):
 
     dataset, prep = cfg.dataset, cfg.model.preprocessing
     kinds = feature_columns(dataset)
-    derived = dict(dataset.get("derived") or {})
+    derived = parse_derived(dataset)
     dates = [c for c, k in kinds.items()
              if k == "numeric" and dataset.columns[c].type == "datetime"]
     numeric = [c for c, k in kinds.items() if k == "numeric" and c not in dates] + list(derived)
@@ -62,9 +64,9 @@ def build_transformer(cfg: DictConfig):
     )
     steps = []
     if derived:
-        # DataFrame.eval keeps the model free of trainpipe code: "a = x + y" per line.
-        expr = "\n".join(f"{name} = {formula}" for name, formula in derived.items())
-        steps.append(("derive", FunctionTransformer(pd.DataFrame.eval, kw_args={"expr": expr})))
+        # The parsed formulas, never a string to evaluate; add_derived travels by value.
+        steps.append(("derive", FunctionTransformer(
+            add_derived, kw_args={"formulas": tuple(derived.items())})))
     steps.append(("columns", columns))
     return Pipeline(steps).set_output(transform="pandas")
 
