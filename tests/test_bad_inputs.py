@@ -100,6 +100,10 @@ def dataset_yaml(replace: tuple[str, str]) -> Callable[[Path], list[str]]:
     return make
 
 
+def overrides(*values: str) -> Callable[[Path], list[str]]:
+    return lambda folder: list(values)
+
+
 def drop(col):
     return lambda df: df.drop(columns=[col])
 
@@ -195,6 +199,35 @@ CASES = [
     Case("unknown_dataset", lambda folder: ["dataset=nope"], 2, ["nope"]),
     Case("bad_split_ratio", lambda folder: ["split.test_size=0.9", "split.val_size=0.2"], 2,
          ["split.val_size=0.2, split.test_size=0.9"]),
+    # The whole config is checked against its declared schema before any run starts.
+    Case("seed_not_a_number", overrides("seed=abc"), 2,
+         ["seed='abc': must be a whole number from 0 to 4294967295"]),
+    Case("seed_negative", overrides("seed=-1"), 2, ["seed=-1: must be a whole number"]),
+    Case("seed_too_big", overrides("seed=4294967296"), 2, ["seed=4294967296: must be"]),
+    Case("val_size_not_a_number", overrides("split.val_size=abc"), 2,
+         ["split.val_size='abc': must be a fraction of all rows, in (0, 1)"]),
+    Case("min_rows_not_a_number", overrides("validate.min_rows=abc"), 2,
+         ["validate.min_rows='abc': must be a whole number, 1 or more"]),
+    Case("empty_experiment", overrides("tracking.experiment=''"), 2,
+         ["tracking.experiment='': must be an experiment name, not empty"]),
+    Case("unknown_encoding", overrides("model.preprocessing.categorical_encoding=bogus"), 2,
+         ["model.preprocessing.categorical_encoding='bogus': must be onehot or ordinal"]),
+    Case("unknown_top_level_key", overrides("+sed=3"), 2,
+         ["sed: unknown key (did you mean 'seed'?)"]),
+    Case("lightgbm_negative_trees", overrides("model=lightgbm", "model.params.n_estimators=-5"),
+         2, ["model.params: lightgbm.LGBMClassifier refuses them: Number of boosting rounds "
+             "must be greater than 0. Got -5."]),
+    Case("lightgbm_negative_learning_rate",
+         overrides("model=lightgbm", "model.params.learning_rate=-1"), 2,
+         ["model.params: lightgbm.LGBMClassifier refuses them: Check failed: (learning_rate) > "
+          "(0.0)"], absent=["[LightGBM] [Fatal]", "config_auto.cpp"]),
+    Case("forest_bad_depth", overrides("model.params.max_depth=abc"), 2,
+         ["The 'max_depth' parameter of RandomForestClassifier must be an int"]),
+    Case("dataset_name_climbs_out", overrides("dataset.name=../../../escape"), 2,
+         ["dataset.name: '../../../escape' is not a plain name"]),
+    Case("lake_root_is_a_file",
+         lambda folder: [f"lake.root={folder / 'lake/raw/hotel_bookings/train.csv'}"], 2,
+         ["train.csv: is a file, not a folder"]),
     Case("yaml_derived_runs_code", dataset_yaml((
         "total_guests: no_of_adults + no_of_children",
         "total_guests: \"@warnings.sys.modules.get('os').system('echo pwned')\"")), 2,

@@ -7,7 +7,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import FAST, HOTEL, runs, trainpipe
+from tests.conftest import FAST, HOTEL, REPO, runs, trainpipe
 from trainpipe import demo
 
 STEPS = ["ingest", "validate", "split", "features", "train", "evaluate"]
@@ -151,3 +151,39 @@ def test_invalid_data_exits_3_and_publishes_nothing(workdir):
     report = json.loads(Path(path).read_text())
     assert report["valid"] is False
     assert {f["column"] for f in report["failures"]} == {"arrival_month", "avg_price_per_room"}
+
+
+def test_a_source_path_with_spaces_is_one_argument(workdir):
+    folder = workdir / "my data"
+    folder.mkdir()
+    demo.hotel_bookings(rows=400, seed=3).to_csv(folder / "hotel bookings.csv", index=False)
+    result = trainpipe("run", f"dataset.source={folder / 'hotel bookings.csv'}", "--to",
+                       "validate", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "400 rows" in result.stdout
+    # several overrides in one string (as `mlflow run` passes them) go through --overrides
+    result = trainpipe("run", "--cfg", "job", "--overrides",
+                       f"seed=5 'dataset.source={folder / 'hotel bookings.csv'}'", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "seed: 5" in result.stdout and "hotel bookings.csv" in result.stdout
+
+
+def test_a_relative_source_in_a_dataset_file_is_beside_that_file(workdir):
+    conf = workdir / "project" / "conf" / "dataset"
+    conf.mkdir(parents=True)
+    demo.hotel_bookings(rows=400, seed=3).to_csv(conf / "bookings.csv", index=False)
+    text = (REPO / "src/trainpipe/conf/dataset/hotel_bookings.yaml").read_text()
+    (conf / "mine.yaml").write_text(text.replace("name: hotel_bookings", "name: mine")
+                                    .replace("source: ${lake.root}/raw/hotel_bookings/train.csv",
+                                             "source: bookings.csv"))
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    result = trainpipe("run", "--config-dir", str(workdir / "project/conf"), "dataset=mine",
+                       "--to", "validate", cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert "400 rows" in result.stdout
+    # on the command line a relative path is relative to the working folder, as in a shell
+    result = trainpipe("run", "--config-dir", str(workdir / "project/conf"), "dataset=mine",
+                       "dataset.source=bookings.csv", cwd=elsewhere)
+    assert result.returncode == 2
+    assert f"{elsewhere / 'bookings.csv'}: no such file" in result.stderr

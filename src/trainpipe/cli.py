@@ -29,6 +29,9 @@ err = Console(stderr=True)
 
 Overrides = Annotated[list[str] | None, typer.Argument(
     help="Hydra overrides, e.g. model=lightgbm seed=7 dataset.source=s3://b/raw.csv")]
+OverridesText = Annotated[str | None, typer.Option(
+    "--overrides", help="Several overrides in one string, split like a shell would: "
+    "'model=lightgbm seed=3' (how `mlflow run` passes them).")]
 Multirun = Annotated[bool, typer.Option("-m", "--multirun", help="Sweep: seed=1,2,3 runs 3 jobs.")]
 PrintCfg = Annotated[str | None, typer.Option("--cfg", help="Print the resolved config "
                                               "('job') and exit.")]
@@ -45,18 +48,20 @@ def run(overrides: Overrides = None, multirun: Multirun = False, cfg: PrintCfg =
         config_dir: ConfigDir = None, verbose: Verbose = False, force: Force = False,
         first: Annotated[str | None, typer.Option("--from", help="First step to run.")] = None,
         last: Annotated[str | None, typer.Option("--to", help="Last step to run.")] = None,
-        ) -> None:
+        overrides_text: OverridesText = None) -> None:
     """Run the pipeline: ingest, validate, split, features, train, evaluate. Steps whose
     output is already published (same data, code and config) are reused, not redone."""
-    _execute((first, last), overrides or [], multirun, cfg, config_dir, verbose, force)
+    _execute((first, last), _overrides(overrides, overrides_text), multirun, cfg, config_dir,
+             verbose, force)
 
 
 @app.command()
 def step(name: StepName, overrides: Overrides = None, multirun: Multirun = False,
          cfg: PrintCfg = None, config_dir: ConfigDir = None, verbose: Verbose = False,
-         force: Force = False) -> None:
+         force: Force = False, overrides_text: OverridesText = None) -> None:
     """Run one step alone, reading its inputs from the lake (same as --from NAME --to NAME)."""
-    _execute((name, name), overrides or [], multirun, cfg, config_dir, verbose, force)
+    _execute((name, name), _overrides(overrides, overrides_text), multirun, cfg, config_dir,
+             verbose, force)
 
 
 @app.command()
@@ -68,7 +73,7 @@ def inspect(overrides: Overrides = None, config_dir: ConfigDir = None,
     from trainpipe.steps import ingest
 
     try:
-        cfg = config.compose(config.split_overrides(overrides or []), config_dir)
+        cfg = config.compose(overrides or [], config_dir)
         catalog = pipeline.catalog_for(cfg, ingest.read_sources(cfg))
     except TrainpipeError as exc:
         _fail(exc, verbose)
@@ -99,7 +104,7 @@ def clean(overrides: Overrides = None, config_dir: ConfigDir = None,
     from trainpipe import config, housekeeping
 
     try:
-        cfg = config.compose(config.split_overrides(overrides or []), config_dir)
+        cfg = config.compose(overrides or [], config_dir)
         removed = housekeeping.clean(cfg, step_name, keep)
     except TrainpipeError as exc:
         _fail(exc, verbose)
@@ -193,7 +198,6 @@ def _execute(span, overrides, multirun, print_cfg, config_dir, verbose, force) -
 
     try:
         pipeline.select(*span)  # unknown step names are usage errors, before anything runs
-        overrides = config.split_overrides(overrides)
         jobs = config.expand_sweeps(overrides) if multirun else [overrides]
         cfgs = [config.compose(job, config_dir) for job in jobs]
     except TrainpipeError as exc:
@@ -285,6 +289,14 @@ def _report_error(exc: BaseException, verbose: bool) -> int:
     for note in getattr(exc, "__notes__", []):
         err.print(redact_text(note), markup=False, highlight=False, soft_wrap=True)
     return code
+
+
+def _overrides(args: list[str] | None, text: str | None) -> list[str]:
+    """Each argument is one override, spaces and all (`'dataset.source=/a b.csv'`);
+    `--overrides` holds several in one string."""
+    from trainpipe import config
+
+    return [*(args or []), *config.split_overrides([text] if text else [])]
 
 
 def _fail(exc: TrainpipeError, verbose: bool):

@@ -3,7 +3,9 @@
 import itertools
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,6 +58,7 @@ def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         cfg = _parse(lambda o: hydra_compose("config", overrides=o), overrides)
     OmegaConf.set_struct(cfg, False)
+    _sources_beside_the_dataset_file(cfg, overrides, config_dir)
     try:
         OmegaConf.resolve(cfg)
     except ConfigError:
@@ -66,8 +69,28 @@ def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
             raise ConfigError(_missing_env_message(cfg, missing[1])) from None
         raise ConfigError(f"config: {_hydra_message(exc)}") from None
     check_dataset_config(cfg.dataset)
-    _check_split(cfg.split)
+    check(cfg)
     return cfg
+
+
+def _sources_beside_the_dataset_file(cfg: DictConfig, overrides: list[str],
+                                     config_dir: str | None) -> None:
+    """A relative `source:` written in a dataset file is relative to that file's folder (so
+    the file and its data travel together); given on the command line, to the working
+    folder, like any path typed in a shell."""
+    if config_dir is None or not isinstance(cfg.get("dataset"), DictConfig):
+        return
+    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("dataset=")]
+    file = Path(config_dir).resolve() / "dataset" / f"{chosen[-1] if chosen else ''}.yaml"
+    if not chosen or not file.is_file():
+        return
+    for key in ("source", "scoring_source"):
+        if any(o.lstrip("+").startswith(f"dataset.{key}=") for o in overrides):
+            continue
+        raw = cfg.dataset._get_node(key)._value() if key in cfg.dataset else None
+        if isinstance(raw, str) and raw and "${" not in raw and "://" not in raw and not (
+                Path(raw).expanduser().is_absolute()):
+            cfg.dataset[key] = str(file.parent / raw)
 
 
 def _missing_env_message(cfg: DictConfig, name: str) -> str:
@@ -87,11 +110,84 @@ def _missing_env_message(cfg: DictConfig, name: str) -> str:
             f"{key}=... on the command line")
 
 
-def _check_split(split: DictConfig) -> None:
-    val, test = float(split.val_size), float(split.test_size)
-    if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
-        raise ConfigError(f"split.val_size={val}, split.test_size={test}: each must be in "
-                          "(0, 1) and together less than 1")
+# Names that become folders (lake prefixes) and run/model names: nothing that can climb out.
+PLAIN_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9_.-]{1,100}")
+PLAIN_NAME_RULE = "a plain name: letters, digits, '_', '-', '.' (and not '.' or '..')"
+# The declared schema of trainpipe's own keys (the dataset file has its own: schema.py;
+# model.params are checked by the estimator itself): key -> (type, rule, what it must be).
+SCHEMA: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "seed": (int, lambda v: 0 <= v < 2**32, "a whole number from 0 to 4294967295"),
+    "force": (bool, lambda v: True, "true or false"),
+    "split.val_size": (float, lambda v: 0 < v < 1, "a fraction of all rows, in (0, 1)"),
+    "split.test_size": (float, lambda v: 0 < v < 1, "a fraction of all rows, in (0, 1)"),
+    "validate.min_rows": (int, lambda v: v >= 1, "a whole number, 1 or more"),
+    "validate.target_classes": (bool, lambda v: True, "true or false"),
+    "validate.unique_id": (bool, lambda v: True, "true or false"),
+    "validate.all_null_columns": (bool, lambda v: True, "true or false"),
+    "evaluate.plots": (bool, lambda v: True, "true or false"),
+    "lake.root": (str, bool, "a folder or an fsspec URL (s3://bucket/lake)"),
+    "tracking.uri": (str, bool, "an MLflow tracking URI (sqlite:///mlflow.db, http://host:5000)"),
+    "tracking.experiment": (str, lambda v: bool(v.strip()), "an experiment name, not empty"),
+    "model.name": (str, lambda v: PLAIN_NAME.fullmatch(v) is not None, PLAIN_NAME_RULE),
+    "model._target_": (str, bool, "an estimator class (module.Class)"),
+    "model.preprocessing.scale_numeric": (bool, lambda v: True, "true or false"),
+    "model.preprocessing.categorical_encoding": (str, lambda v: v in ("onehot", "ordinal"),
+                                                 "onehot or ordinal"),
+}
+GROUPS = {"dataset", "model", "lake", "tracking", "split", "validate", "evaluate"}
+SECTIONS = {"model": {"name", "_target_", "preprocessing", "params"},
+            "model.preprocessing": {"scale_numeric", "categorical_encoding"}}
+
+
+def check(cfg: DictConfig) -> None:
+    """Check the whole resolved config once, before any run starts: every known key against
+    its type and rule, and no unknown key (with a "did you mean" hint)."""
+    name = cfg.dataset.get("name")
+    if not (isinstance(name, str) and PLAIN_NAME.fullmatch(name)):
+        raise ConfigError(f"dataset.name: {name!r} is not {PLAIN_NAME_RULE}")
+    known_top = {k.split(".")[0] for k in SCHEMA} | GROUPS
+    _check_known("", set(cfg), known_top)
+    for section, known in SECTIONS.items():
+        value = OmegaConf.select(cfg, section)
+        if isinstance(value, DictConfig):
+            _check_known(section + ".", set(value), known)
+    for section in ("split", "validate", "evaluate"):
+        known = {k.split(".", 1)[1] for k in SCHEMA if k.startswith(section + ".")}
+        _check_known(section + ".", set(cfg.get(section) or {}), known)
+    for key, (kind, rule, meaning) in SCHEMA.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        typed = _typed(value, kind)
+        if typed is None or not rule(typed):
+            raise ConfigError(f"{key}={value!r}: must be {meaning}")
+    val, test = float(cfg.split.val_size), float(cfg.split.test_size)
+    if val + test >= 1:
+        raise ConfigError(f"split.val_size={val}, split.test_size={test}: together they must "
+                          "be less than 1 (the training split gets the rest)")
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """`value` as `kind`, or None when it is not one (no silent casts: '3' is no int)."""
+    if kind is bool:
+        return value if isinstance(value, bool) else None
+    if kind is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return float(value) if ok else None
+    return value if isinstance(value, str) else None
+
+
+def _check_known(prefix: str, keys: set[str], known: set[str]) -> None:
+    for key in sorted(keys - known):
+        raise ConfigError(f"{prefix}{key}: unknown key{did_you_mean(key, known)}; known keys: "
+                          f"{', '.join(sorted(known))}")
+
+
+def did_you_mean(word: str, choices: set[str] | list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -104,7 +200,11 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)
+    """The config as YAML, long values (paths, URIs) on one line each."""
+    import yaml
+
+    return yaml.safe_dump(OmegaConf.to_container(cfg, resolve=True), sort_keys=False,
+                          width=2**31 - 1, allow_unicode=True)
 
 
 def _parse(fn, overrides):

@@ -15,6 +15,7 @@ refused, an endpoint that cannot be reached.
 """
 
 import copy
+import errno
 import hashlib
 import io
 import json
@@ -31,7 +32,7 @@ from typing import Any
 import fsspec
 import pandas as pd
 
-from trainpipe.errors import SourceError, TrainpipeError
+from trainpipe.errors import ConfigError, SourceError, TrainpipeError
 from trainpipe.redaction import redact_text, redact_uri
 
 MANIFEST = "manifest.json"
@@ -138,6 +139,12 @@ def storage_errors(url: str, doing: str) -> Iterator[None]:
                 "bucket's policy" if _is_object_store(url) else "check the permissions")
         raise SourceError(f"{redact_uri(url)}: cannot {doing}: access denied{_at_endpoint(url)}"
                           f" ({_reason(exc)}); {hint}") from None
+    except OSError as exc:
+        if exc.errno not in LOCAL_FAULTS:
+            raise
+        where = f": {redact_uri(exc.filename)}" if exc.filename else ""
+        raise SourceError(f"{redact_uri(url)}: cannot {doing}: {LOCAL_FAULTS[exc.errno]}"
+                          f"{where}") from None
     except Exception as exc:
         kind = _classify(exc, _is_object_store(url))
         if kind == "unreachable":
@@ -155,6 +162,13 @@ def storage_errors(url: str, doing: str) -> Iterator[None]:
             raise SourceError(f"{redact_uri(url)}: cannot {doing}{_at_endpoint(url)} "
                               f"({_reason(exc)})") from None
         raise
+
+
+# What a local folder can refuse, in words (a full disk, a read-only mount, a file in the way)
+LOCAL_FAULTS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "the file system is read-only",
+                errno.ENOTDIR: "a file stands where a folder must be",
+                errno.EEXIST: "a file stands where a folder must be"}
 
 
 def _is_object_store(url: str) -> bool:
@@ -253,9 +267,10 @@ def read_source(url: str) -> Source:
     except TrainpipeError:
         raise
     except FileNotFoundError:
-        raise SourceError(f"{redact_uri(url)}: no such file") from None
+        raise SourceError(f"{redact_uri(absolute(url))}: no such file") from None
     except IsADirectoryError:
-        raise SourceError(f"{redact_uri(url)}: is a folder, not a CSV or Parquet file") from None
+        raise SourceError(f"{redact_uri(absolute(url))}: is a folder, not a CSV or Parquet "
+                          "file") from None
     except Exception as exc:  # permissions, network, unknown protocol, ...
         raise SourceError(f"{redact_uri(url)}: cannot be read ({type(exc).__name__}: "
                           f"{redact_uri(str(exc))})") from None
@@ -335,6 +350,9 @@ class Lake:
         self.root = absolute(root).rstrip("/")
         with storage_errors(self.root, "open the lake"):
             self.fs, self._root_path = _url_to_fs(self.root)
+        if "://" not in self.root and os.path.exists(self.root) and not os.path.isdir(
+                self.root):
+            raise ConfigError(f"lake.root {self.root}: is a file, not a folder")
 
     def url(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -342,11 +360,13 @@ class Lake:
     def _path(self, *parts: str) -> str:
         """The storage path of a key under the root; never outside it (a '..' or an
         absolute part in a name from config or a manifest is refused)."""
+        path = posixpath.join(self._root_path, *parts)
+        root = self._root_path.rstrip("/")
+        inside = posixpath.normpath(path) == root or path.startswith(root + "/")
         for part in parts:
-            segments = part.split("/")
-            if part.startswith("/") or ".." in segments or "\0" in part:
+            if ".." in part.split("/") or "\0" in part or not inside:
                 raise OutsideLake(self.url(*parts), part)
-        return posixpath.join(self._root_path, *parts)
+        return path
 
     def publish(self, prefix: str, files: dict[str, bytes], **meta: Any) -> dict:
         """Publish `files` under `prefix` as one output; the manifest goes last."""

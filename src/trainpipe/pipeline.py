@@ -92,9 +92,10 @@ def fingerprints(cfg: DictConfig, sources: dict[str, lake.Source]) -> dict[str, 
     return prints
 
 
-def catalog_for(cfg: DictConfig, sources: dict[str, lake.Source]) -> Catalog:
-    return Catalog(cfg, lake.Lake(cfg.lake.root), sources, fingerprints(cfg, sources),
-                   {s.name: s.module for s in STEPS})
+def catalog_for(cfg: DictConfig, sources: dict[str, lake.Source],
+                the_lake: lake.Lake | None = None) -> Catalog:
+    return Catalog(cfg, the_lake or lake.Lake(cfg.lake.root), sources,
+                   fingerprints(cfg, sources), {s.name: s.module for s in STEPS})
 
 
 def select(first: str | None, last: str | None) -> list[Step]:
@@ -124,9 +125,10 @@ def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
 
             # an unreachable server stops us before any work (demo data included)
             check_tracking_server(str(cfg.tracking.uri))
+            the_lake = lake.Lake(cfg.lake.root)
             if steps[0].name == "ingest":
                 _ensure_demo_data(cfg, on_notice)
-            catalog = catalog_for(cfg, ingest.read_sources(cfg))
+            catalog = catalog_for(cfg, ingest.read_sources(cfg), the_lake)
             reused = plan(catalog, steps, force, on_notice)
             recorded = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run` made a run: record
             if all(reused[s.name] is not None for s in steps) and not recorded:
@@ -157,6 +159,9 @@ def plan(catalog: Catalog, steps: list[Step], force: bool,
                 else:
                     for name in step.inputs:
                         _check_input(catalog, name, reused)
+            for step in steps:  # e.g. train: the estimator takes model.params
+                if reused[step.name] is None and hasattr(step.module, "check"):
+                    step.module.check(catalog.cfg)
             return reused
         except DamagedOutput as exc:
             step = _step_of(catalog, exc)

@@ -4,6 +4,9 @@ The output is the whole inference pipeline (features + estimator), so the logged
 predicts on raw rows exactly as training saw them.
 """
 
+import contextlib
+import re
+
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,14 +31,56 @@ def build_estimator(model_cfg: DictConfig):
         raise ConfigError(f"model._target_: cannot import {model_cfg._target_!r} ({exc})") from None
     params = OmegaConf.to_container(model_cfg.get("params") or {}, resolve=True)
     try:
-        estimator = cls(**params)
-        # scikit-learn checks types and ranges only in fit; check them before the work
-        # (estimators that declare their constraints: scikit-learn's own, not LightGBM's)
-        if hasattr(estimator, "_parameter_constraints"):
-            estimator._validate_params()
+        return cls(**params)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.params: {exc}") from None
-    return estimator
+
+
+def check(cfg: DictConfig) -> None:
+    """Before any step runs: the estimator can be made from `model.params`, and takes them.
+    scikit-learn's own estimators check their declared constraints; others (LightGBM) only
+    say what they refuse when they fit, so they fit a tiny table here."""
+    estimator = build_estimator(cfg.model)
+    try:
+        if hasattr(estimator, "_parameter_constraints"):
+            estimator._validate_params()
+        else:
+            _tiny_fit(estimator, cfg.dataset.task)
+    except Exception as exc:  # noqa: BLE001 - whatever the estimator refuses, in its words
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = re.sub(r" at /\S+, line \d+ ?\.?", "", message)  # LightGBM's source line
+        raise ConfigError(f"model.params: {cfg.model._target_} refuses them: {message}"
+                          ) from None
+
+
+def _tiny_fit(estimator, task: str) -> None:
+    import io
+
+    import numpy as np
+    from sklearn.base import clone
+
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 3))
+    y = rng.random(40) if task == "regression" else np.arange(40) % (3 if task == "multiclass"
+                                                                     else 2)
+    # LightGBM prints its refusals ("[LightGBM] [Fatal] ...") besides raising them
+    with contextlib.redirect_stderr(io.StringIO()), _quiet_native_stderr():
+        clone(estimator).fit(x, y)
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence what native code writes to file descriptor 2 for a moment."""
+    import os
+
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def run(cfg: DictConfig, splits: dict[str, pd.DataFrame], transformer,
