@@ -121,3 +121,27 @@ def test_nothing_is_read_or_written_outside_the_lake_root(tmp_path):
     manifest.write_text(manifest.read_text().replace('"path": "', '"path": "../../'))
     with pytest.raises(DamagedOutput, match="does not name a file of this output"):
         lake.read("out/fp", "a.bin")
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A real read-only file system (as root, permissions alone do not stop writes)."""
+    import subprocess
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_lake_on_a_read_only_folder_is_named(demo_lake, read_only_folder):
+    source = demo_lake / "lake/raw/hotel_bookings/train.csv"
+    result = invoke(demo_lake, f"lake.root={read_only_folder}", f"dataset.source={source}")
+    assert result.exit_code == 2, result.output
+    assert f"{read_only_folder}/landing/hotel_bookings/validate/" in result.output
+    assert "cannot publish there: the file system is read-only" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
