@@ -65,7 +65,7 @@ class Tracking:
     def __init__(self, cfg: DictConfig):
         self.uri = normalise_uri(str(cfg.tracking.uri))
         self.experiment = str(cfg.tracking.experiment)
-        from trainpipe.stack import check_tracking_server
+        from trainpipe.supervise import check_tracking_server
 
         check_tracking_server(self.uri)  # fail fast (not after MLflow's minutes of retries)
         quiet_mlflow()
