@@ -10,51 +10,61 @@ cluster of the stack's own under `<folder>/postgres` (made with `initdb`, starte
 `pg_ctl` on a free port; owned by the user `postgres` when run as root, since PostgreSQL
 refuses to run as root). Its data and the artifacts folder survive `down` and `up`.
 
+The stack's own cluster lets no one in without its superuser's password (scram-sha-256,
+TCP on 127.0.0.1 only, no Unix socket): a password `up` generates and keeps in
+`<folder>/postgres/password` (mode 0600, readable by the user who runs `up` alone), and
+gives the MLflow server in its environment (`PGPASSWORD`). It is never shown, logged or
+written elsewhere. A cluster made by an older trainpipe, which trusted every local
+connection, is stopped, given a password and restarted by the next `up`.
+
 What `up` started is recorded in `<folder>/stack.json` (pids with their start times, so a
 recycled pid is never mistaken for ours; ports; URIs with passwords masked). No secret is
-written anywhere: the server gets the backend store URI through its environment
+written there: the server gets the backend store URI through its environment
 (`MLFLOW_BACKEND_STORE_URI`), not its command line, and every message is redacted.
+Starting, health-checking and stopping processes, the state file and ports are
+`trainpipe.supervise`'s.
 """
 
+import base64
 import contextlib
-import json
+import hashlib
+import hmac
 import os
+import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from trainpipe.errors import ConfigError, TrainpipeError
+from trainpipe import supervise
+from trainpipe.errors import ConfigError
 from trainpipe.redaction import redact_text, redact_uri
 
 DEFAULT_FOLDER = ".trainpipe/stack"
 DEFAULT_PORT = 5000
 STATE_FILE = "stack.json"
 DATABASE = "mlflow"  # the database the stack's own cluster holds MLflow's tables in
-SUPERUSER = "postgres"  # the stack's own cluster's superuser (trust auth, 127.0.0.1 only)
+SUPERUSER = "postgres"  # the stack's own cluster's superuser (password, 127.0.0.1 only)
 RUN_AS_ROOT_USER = "postgres"  # who runs the stack's own cluster when `up` runs as root
 POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
+PASSWORD_FILE = "password"  # in <folder>/postgres: the own cluster superuser's password
+# The own cluster's pg_hba.conf: the password for every connection (there is no Unix
+# socket; `local` covers one, should a later option make it).
+HBA = """\
+# Written by trainpipe stack up: every connection needs the password (scram-sha-256).
+local  all  all                 scram-sha-256
+host   all  all  127.0.0.1/32   scram-sha-256
+host   all  all  ::1/128        scram-sha-256
+"""
 
-
-class StackError(TrainpipeError):
-    """A part of the stack cannot be started, reached or stopped: the message says which
-    and why (a server refusing connections, a port in use, a missing program, ...)."""
-
-    exit_code = 2
-
-
-class TrackingUnreachable(TrainpipeError):
-    """The MLflow tracking server does not answer."""
-
-    exit_code = 2
+# A part of the stack cannot be started, reached or stopped: the message says which and
+# why (a server refusing connections, a port in use, a missing program, ...).
+StackError = supervise.ServiceError
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,15 @@ class ServiceStatus:
     running: bool  # the process is alive (an external server: it accepts connections)
     healthy: bool  # it answers: PostgreSQL accepts a connection, MLflow's /health says OK
     detail: str  # one line for people
+
+
+@dataclass(frozen=True)
+class _Backend:
+    """The backend store as the MLflow server gets it."""
+
+    uri: str  # an external server's may hold its password: never stored
+    env: dict[str, str] = field(repr=False)  # more for the server's environment (PGPASSWORD)
+    new_credentials: bool  # its password changed in this call: a running server restarts
 
 
 @dataclass(frozen=True)
@@ -113,7 +132,7 @@ def up(folder: str | os.PathLike = DEFAULT_FOLDER, port: int | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     started: list[str] = []
     reused: list[str] = []
-    with _locked(folder):
+    with supervise.locked(folder / ".lock"):
         state = _load_state(folder)
         running = state.get("mlflow") if _mlflow_alive(state.get("mlflow")) else None
         try:
@@ -123,14 +142,15 @@ def up(folder: str | os.PathLike = DEFAULT_FOLDER, port: int | None = None,
                 # on an external server: it is not ours to start; MLflow already uses it
                 reused.append("mlflow")
             else:
-                pg_uri = _ensure_postgres(folder, state, backend_store_uri, env, started,
-                                          reused)
-                if running and redact_uri(pg_uri) == running["backend"]:
+                backend = _ensure_postgres(folder, state, backend_store_uri, env, started,
+                                           reused)
+                if (running and redact_uri(backend.uri) == running["backend"]
+                        and not backend.new_credentials):
                     reused.append("mlflow")
                 else:
-                    if running:  # its own cluster came back on another port: follow it
-                        _stop_process_group(running["pid"], 15)
-                    _start_mlflow(folder, state, pg_uri, port, artifacts_destination,
+                    if running:  # its cluster came back on another port or password
+                        supervise.stop(_process(running), 15)
+                    _start_mlflow(folder, state, backend, port, artifacts_destination,
                                   workers, timeout, env)
                     started.append("mlflow")
         except BaseException:
@@ -167,49 +187,21 @@ def down(folder: str | os.PathLike = DEFAULT_FOLDER, timeout: float = 30.0) -> l
     if not (folder / STATE_FILE).exists():
         return []
     stopped = []
-    with _locked(folder):
+    with supervise.locked(folder / ".lock"):
         state = _load_state(folder)
         ml = state.get("mlflow")
         if ml and ml.get("pid"):
-            if _alive(ml["pid"], ml.get("started")):
-                _stop_process_group(ml["pid"], timeout)
+            if supervise.stop(_process(ml), timeout):
                 stopped.append(f"mlflow server (pid {ml['pid']}, port {ml['port']})")
             ml["pid"] = None
         pg = state.get("postgresql")
         if pg and pg.get("managed") and pg.get("pid"):
-            if _alive(pg["pid"], pg.get("started")):
+            if supervise.alive(_process(pg)):
                 _stop_postgres(pg, timeout)
                 stopped.append(f"postgresql (pid {pg['pid']}, port {pg['port']})")
             pg["pid"] = None
         _save_state(folder, state)
     return stopped
-
-
-def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
-    """Raise TrackingUnreachable, within about `timeout` seconds, when the tracking server
-    at an http(s) URI does not answer. Any HTTP answer counts as reachable (a server that
-    wants credentials answers 401). Other URIs (sqlite:, postgresql:, file:) pass."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    url = _without_userinfo(uri).rstrip("/") + "/health"
-    deadline = time.monotonic() + timeout
-    reason = ""
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            with urllib.request.urlopen(url, timeout=max(1.0, min(5.0, left))):
-                return
-        except urllib.error.HTTPError:
-            return  # it answered
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = _exc_reason(getattr(exc, "reason", exc))
-        if time.monotonic() + 1.0 >= deadline:
-            break
-        time.sleep(1.0)
-    raise TrackingUnreachable(
-        f"the MLflow tracking server {redact_uri(uri)} cannot be reached ({reason}); is it "
-        "running? `trainpipe stack status` shows the local stack, `trainpipe stack up` "
-        "starts it")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -252,20 +244,21 @@ def _check_matches(running: dict, port, backend_store_uri, artifacts_destination
 
 
 def _ensure_postgres(folder: Path, state: dict, backend_store_uri: str | None,
-                     env: dict, started: list, reused: list) -> str:
-    """The backend store URI to give MLflow (with its password, if any: never stored)."""
+                     env: dict, started: list, reused: list) -> _Backend:
+    """The backend store as the MLflow server is to get it (with its password, if any:
+    never stored)."""
     pg = state.get("postgresql") or {}
     if backend_store_uri is None:
         if pg and not pg.get("managed"):
             if "***" not in pg["uri"]:  # no password in it (PGPASSWORD, ~/.pgpass): reuse
                 _check_postgres(pg["uri"], create_database=True)
-                return pg["uri"]
+                return _Backend(pg["uri"], {}, new_credentials=False)
             raise StackError(
                 f"the stack in {folder} runs on the PostgreSQL at {pg['uri']}, whose password "
                 "is never stored: pass --backend-store-uri again (or keep the password in "
                 "PGPASSWORD or ~/.pgpass, out of the URI)")
-        return _ensure_own_cluster(folder, state, env, started, reused)
-    if pg.get("managed") and pg.get("pid") and _alive(pg["pid"], pg.get("started")):
+        return _ensure_own_cluster(folder, state, started, reused)
+    if pg.get("managed") and pg.get("pid") and supervise.alive(_process(pg)):
         raise StackError(
             f"the stack in {folder} runs a PostgreSQL of its own (pid {pg['pid']}, port "
             f"{pg['port']}): run `trainpipe stack down` before switching to "
@@ -276,35 +269,46 @@ def _ensure_postgres(folder: Path, state: dict, backend_store_uri: str | None,
     state["postgresql"] = {"managed": False, "pid": None, "port": parts.port or 5432,
                            "uri": redact_uri(uri)}
     _save_state(folder, state)
-    return uri
+    return _Backend(uri, {}, new_credentials=False)
 
 
-def _ensure_own_cluster(folder: Path, state: dict, env: dict, started: list,
-                        reused: list) -> str:
+def _ensure_own_cluster(folder: Path, state: dict, started: list, reused: list) -> _Backend:
     pg = state.get("postgresql") or {}
-    if pg.get("managed") and pg.get("pid") and _alive(pg["pid"], pg.get("started")):
-        try:
-            _check_postgres(pg["uri"], create_database=True)
-        except StackError:
-            pass  # alive but not answering: restart it below
-        else:
-            reused.append("postgresql")
-            return pg["uri"]
-    initdb, pg_ctl = _pg_program("initdb"), _pg_program("pg_ctl")
-    user = _run_as_user()
     pg_dir = folder / "postgres"
     data = pg_dir / "data"
+    if pg.get("managed") and pg.get("pid") and supervise.alive(_process(pg)):
+        if _secured(data):
+            password = _read_password(data)
+            try:
+                _check_postgres(pg["uri"], create_database=True, password=password)
+            except StackError:
+                pass  # alive but not answering: restart it below
+            else:
+                reused.append("postgresql")
+                return _Backend(pg["uri"], {"PGPASSWORD": password}, new_credentials=False)
+        else:  # an older trainpipe's cluster, open to every local user: secure it first
+            _stop_postgres(pg, 30)
+    initdb, pg_ctl = _pg_program("initdb"), _pg_program("pg_ctl")
+    user = _run_as_user()
     pg_dir.mkdir(parents=True, exist_ok=True)
     if user is not None:
         _give_to(pg_dir, user)
         _check_reachable(pg_dir, user)
+    else:
+        pg_dir.chmod(0o700)
     if not (data / "PG_VERSION").exists():
+        # trust only until _secure below: the cluster never runs before it has a password
         _run([initdb, "-D", str(data), "-U", SUPERUSER, "-A", "trust", "-E", "UTF8",
               "--locale=C", "--no-sync"], user, "initdb (making the PostgreSQL cluster)",
              cwd=pg_dir, timeout=180)
     elif (data / "postmaster.pid").exists():
         _stop_stale_postmaster(pg_ctl, data, user)
-    port = pg.get("port") if pg.get("port") and _port_free(pg["port"]) else _free_port()
+    new_credentials = not _secured(data)
+    if new_credentials:
+        _secure(data, user)
+    password = _read_password(data)
+    port = (pg.get("port") if pg.get("port") and supervise.port_free(pg["port"])
+            else supervise.free_port())
     log = pg_dir / "postgres.log"
     options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
     _run([pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "90", "start"],
@@ -312,22 +316,100 @@ def _ensure_own_cluster(folder: Path, state: dict, env: dict, started: list,
          log=log)
     pid = _postmaster_pid(data)
     uri = f"postgresql+psycopg2://{SUPERUSER}@127.0.0.1:{port}/{DATABASE}"
-    state["postgresql"] = {"managed": True, "pid": pid, "started": _start_time(pid),
+    state["postgresql"] = {"managed": True, "pid": pid, "started": supervise.start_time(pid),
                            "port": port, "data": str(data), "user": user, "uri": uri,
                            "log": str(log)}
     _save_state(folder, state)
     started.append("postgresql")
-    _check_postgres(uri, create_database=True)
-    return uri
+    _check_postgres(uri, create_database=True, password=password)
+    return _Backend(uri, {"PGPASSWORD": password}, new_credentials)
 
 
-def _check_postgres(uri: str, create_database: bool) -> None:
-    """Connect (5 s at most); create the database when it is missing and allowed to."""
+def _secured(data: Path) -> bool:
+    """The cluster has its password file, and wants that password from every connection."""
+    try:
+        return _password_file(data).is_file() and (data / "pg_hba.conf").read_text() == HBA
+    except OSError:
+        return False
+
+
+def _secure(data: Path, user: str | None) -> None:
+    """Give the superuser of a stopped cluster a password (a new one, unless the password
+    file has one already) and require it from every connection. Each step may be redone:
+    a failure half-way leaves a cluster that the next `up` secures again."""
+    password_file = _password_file(data)
+    if not password_file.is_file():
+        _write_private(password_file, secrets.token_urlsafe(32))
+    verifier = _scram_verifier(_read_password(data))
+    # single-user mode: no connection is possible while the password changes; the server
+    # receives the verifier only, and the statement never reaches a log
+    pg_ctl = Path(_pg_program("pg_ctl"))
+    postgres = pg_ctl.with_name("postgres")  # the server of the same version as pg_ctl
+    _run([str(postgres) if postgres.exists() else _pg_program("postgres"), "--single",
+          "-D", str(data), "-c", "log_min_error_statement=panic", "postgres"], user,
+         "setting the password of the stack's PostgreSQL superuser", cwd=data.parent,
+         timeout=120, input=f"ALTER ROLE {SUPERUSER} PASSWORD '{verifier}';\n",
+         fail_on="ERROR:")
+    hba = data / "pg_hba.conf"
+    tmp = data / ".pg_hba.conf.tmp"
+    tmp.write_text(HBA)
+    tmp.chmod(0o600)
+    if user is not None:
+        import pwd
+
+        entry = pwd.getpwnam(user)
+        os.chown(tmp, entry.pw_uid, entry.pw_gid)
+    tmp.replace(hba)
+
+
+def _password_file(data: Path) -> Path:
+    return data.parent / PASSWORD_FILE
+
+
+def _read_password(data: Path) -> str:
+    path = _password_file(data)
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise StackError(f"{path}: cannot read the stack's PostgreSQL password "
+                         f"({exc.strerror}); run `trainpipe stack` as the user who ran "
+                         "`trainpipe stack up`") from None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `path` readable and writable by this user alone (0600), atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    tmp.replace(path)
+
+
+def _scram_verifier(password: str, iterations: int = 4096) -> str:
+    """What PostgreSQL stores for a scram-sha-256 password (RFC 5802, RFC 7677): the
+    password itself never leaves this process. (`password` is ASCII: SASLprep keeps it.)"""
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    stored_key = hashlib.sha256(hmac.digest(salted, b"Client Key", "sha256")).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def _check_postgres(uri: str, create_database: bool, password: str | None = None) -> None:
+    """Connect (5 s at most); create the database when it is missing and allowed to.
+    password: for the stack's own cluster (else libpq's: the URI, PGPASSWORD, ~/.pgpass)."""
     import psycopg2
 
     dsn = _libpq_uri(uri)
+    secret = {"password": password} if password is not None else {}
     try:
-        psycopg2.connect(dsn, connect_timeout=5).close()
+        psycopg2.connect(dsn, connect_timeout=5, **secret).close()
         return
     except psycopg2.OperationalError as exc:
         message = _pg_message(exc)
@@ -338,7 +420,7 @@ def _check_postgres(uri: str, create_database: bool) -> None:
     database = urlsplit(dsn).path.lstrip("/")
     admin = urlunsplit(urlsplit(dsn)._replace(path="/postgres"))
     try:
-        conn = psycopg2.connect(admin, connect_timeout=5)
+        conn = psycopg2.connect(admin, connect_timeout=5, **secret)
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(f'CREATE DATABASE "{database}"')
@@ -351,12 +433,16 @@ def _check_postgres(uri: str, create_database: bool) -> None:
 
 def _postgres_status(pg: dict) -> ServiceStatus:
     if pg.get("managed"):
+        alive = bool(pg.get("pid")) and supervise.alive(_process(pg))
         healthy, detail = True, "accepting connections"
         try:
-            _check_postgres(pg["uri"], create_database=False)
+            if not _secured(Path(pg["data"])):
+                raise StackError("it lets every local user in without a password (made by "
+                                  "an older trainpipe): `trainpipe stack up` secures it")
+            _check_postgres(pg["uri"], create_database=False,
+                            password=_read_password(Path(pg["data"])))
         except StackError as exc:
             healthy, detail = False, str(exc)
-        alive = bool(pg.get("pid")) and _alive(pg["pid"], pg.get("started"))
         if not alive:
             healthy, detail = False, "not running (`trainpipe stack up` starts it)"
         else:
@@ -369,7 +455,7 @@ def _postgres_status(pg: dict) -> ServiceStatus:
         socket.create_connection((host, pg.get("port") or 5432), timeout=3).close()
         healthy, detail = True, "listening"
     except OSError as exc:
-        healthy, detail = False, f"not reachable ({_exc_reason(exc)})"
+        healthy, detail = False, f"not reachable ({supervise.exception_reason(exc)})"
     return ServiceStatus("postgresql", False, None, pg.get("port"), pg["uri"], healthy, healthy,
                          f"external server (never started or stopped by the stack); {detail}")
 
@@ -381,14 +467,13 @@ def _stop_postgres(pg: dict, timeout: float) -> None:
               str(int(timeout)), "stop"], pg.get("user"), "pg_ctl stop",
              cwd=Path(data).parent, timeout=timeout + 10)
     except (StackError, ConfigError):
-        if _alive(pg["pid"], pg.get("started")):
-            _stop_process_group(pg["pid"], timeout, group=False)
+        supervise.stop(_process(pg), timeout, group=False)
 
 
 def _stop_stale_postmaster(pg_ctl: str, data: Path, user: str | None) -> None:
     """A postmaster.pid left by a cluster `up` no longer knows of: stop it if it still runs."""
     pid = _postmaster_pid(data)
-    if pid and _alive(pid, None):
+    if pid and supervise.alive(supervise.Process(pid)):
         with contextlib.suppress(StackError):
             _run([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], user,
                  "pg_ctl stop (a PostgreSQL left running)", cwd=data.parent, timeout=60)
@@ -432,10 +517,13 @@ def _run_as_user() -> str | None:
 
 
 def _give_to(path: Path, user: str) -> None:
+    """Hand the cluster's folder to `user`; the password file stays ours alone."""
     import pwd
 
     entry = pwd.getpwnam(user)
     for p in [path, *path.rglob("*")] if path.stat().st_uid != entry.pw_uid else [path]:
+        if p.name == PASSWORD_FILE and p.parent == path:
+            continue
         with contextlib.suppress(FileNotFoundError):
             os.chown(p, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
     path.chmod(0o700)
@@ -452,48 +540,54 @@ def _check_reachable(path: Path, user: str) -> None:
 
 
 def _as_user(cmd: list[str], user: str | None, cwd, timeout: float = 30,
-             ) -> subprocess.CompletedProcess:
+             input: str | None = None) -> subprocess.CompletedProcess:
     kwargs = {}
     if user is not None:
         import pwd
 
         entry = pwd.getpwnam(user)
         kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    if input is None:
+        kwargs["stdin"] = subprocess.DEVNULL
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "AWS_", "MLFLOW_"))}
     if user is not None:
         env["HOME"] = str(cwd)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout, start_new_session=True, stdin=subprocess.DEVNULL,
-                          **kwargs)
+                          timeout=timeout, start_new_session=True, input=input, **kwargs)
 
 
 def _run(cmd: list[str], user: str | None, what: str, cwd, timeout: float,
-         log: Path | None = None) -> None:
+         log: Path | None = None, input: str | None = None, fail_on: str | None = None,
+         ) -> None:
+    """Run a PostgreSQL program; StackError when it fails (exit code, or `fail_on` in its
+    output: `postgres --single` exits 0 after a failed statement)."""
     try:
-        result = _as_user(cmd, user, cwd, timeout)
+        result = _as_user(cmd, user, cwd, timeout, input=input)
     except subprocess.TimeoutExpired:
         raise StackError(f"{what}: no answer within {timeout:.0f} s"
-                         f"{_log_tail(log)}") from None
+                         f"{supervise.log_tail(log)}") from None
     except OSError as exc:
         raise StackError(f"{what}: cannot run {cmd[0]} ({exc})") from None
-    if result.returncode != 0:
-        output = " ".join((result.stderr or result.stdout).split())[-600:]
-        raise StackError(redact_text(f"{what} failed (exit {result.returncode}): {output}"
-                                     f"{_log_tail(log)}"))
+    output = result.stderr + result.stdout
+    if result.returncode != 0 or (fail_on and fail_on in output):
+        # the input may hold a secret: the output is shown, never the input
+        shown = " ".join((result.stderr or result.stdout).split())[-600:]
+        raise StackError(redact_text(f"{what} failed (exit {result.returncode}): {shown}"
+                                     f"{supervise.log_tail(log)}"))
 
 
 # -------------------------------------------------------------------------------- MLflow
 
 
-def _start_mlflow(folder: Path, state: dict, backend_uri: str, port: int | None,
+def _start_mlflow(folder: Path, state: dict, backend: _Backend, port: int | None,
                   artifacts_destination: str | None, workers: int, timeout: float,
                   env: dict) -> None:
     previous = state.get("mlflow") or {}
     if port is None:
         port = previous.get("port") or DEFAULT_PORT
     if port == 0:
-        port = _free_port()
-    if not _port_free(port):
+        port = supervise.free_port()
+    if not supervise.port_free(port):
         raise StackError(f"port {port} on 127.0.0.1 is already in use by another program; "
                          "pass --port (0: any free port) or stop that program")
     artifacts = _artifacts_location(artifacts_destination, previous.get("artifacts")
@@ -504,66 +598,48 @@ def _start_mlflow(folder: Path, state: dict, backend_uri: str, port: int | None,
         Path(artifacts.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
     server_env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_")
                   or k in ("MLFLOW_S3_ENDPOINT_URL", "MLFLOW_S3_IGNORE_TLS")}
-    server_env |= {"MLFLOW_BACKEND_STORE_URI": backend_uri,
-                   # The job runner (GenAI scorers) spawns four more processes; trainpipe
-                   # needs none of it.
-                   "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                   "PYTHONUNBUFFERED": "1"}
+    server_env |= backend.env | {
+        "MLFLOW_BACKEND_STORE_URI": backend.uri,
+        # The job runner (GenAI scorers) spawns four more processes; trainpipe needs none.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
            str(port), "--workers", str(workers), "--serve-artifacts",
            "--artifacts-destination", artifacts]
     log = folder / "mlflow.log"
-    with open(log, "ab") as out:
-        out.write(f"--- trainpipe stack up: {time.strftime('%Y-%m-%d %H:%M:%S')} "
-                  f"mlflow server on 127.0.0.1:{port} ---\n".encode())
-        out.flush()
-        proc = subprocess.Popen(cmd, cwd=folder, env=server_env, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    state["mlflow"] = {"pid": proc.pid, "started": _start_time(proc.pid), "port": port,
-                       "backend": redact_uri(backend_uri), "artifacts": artifacts,
+    server = supervise.start(cmd, env=server_env, cwd=folder, log=log,
+                             banner=f"trainpipe stack up: mlflow server on 127.0.0.1:{port}")
+    state["mlflow"] = {"pid": server.pid, "started": server.started, "port": port,
+                       "backend": redact_uri(backend.uri), "artifacts": artifacts,
                        "workers": workers, "log": str(log)}
     _save_state(folder, state)
     try:
-        deadline = time.monotonic() + timeout
-        while not _healthy(port):
-            code = proc.poll()
-            if code is not None:
-                raise StackError(f"the MLflow server exited (code {code}) before it was "
-                                 f"healthy{_log_tail(log)}")
-            if time.monotonic() > deadline:
-                raise StackError(f"the MLflow server on 127.0.0.1:{port} was not healthy "
-                                 f"within {timeout:.0f} s{_log_tail(log)}")
-            time.sleep(0.2)
+        supervise.wait_until_healthy(server, _health_url(port), timeout,
+                                     f"the MLflow server on 127.0.0.1:{port}")
     except BaseException:
-        _stop_process_group(proc.pid, 15)
-        proc.wait()
+        supervise.stop(server, 15)
         state["mlflow"]["pid"] = None
         _save_state(folder, state)
         raise
-    proc.returncode = 0  # it runs on, detached: no "still running" warning when proc goes
+
+
+def _health_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/health"
 
 
 def _mlflow_alive(ml: dict | None) -> bool:
-    return bool(ml and ml.get("pid") and _alive(ml["pid"], ml.get("started"))
-                and _healthy(ml["port"]))
+    return bool(ml and ml.get("pid") and supervise.alive(_process(ml))
+                and supervise.answers(_health_url(ml["port"])))
 
 
 def _mlflow_status(ml: dict) -> ServiceStatus:
-    alive = bool(ml.get("pid")) and _alive(ml["pid"], ml.get("started"))
-    healthy = alive and _healthy(ml["port"])
+    alive = bool(ml.get("pid")) and supervise.alive(_process(ml))
+    healthy = alive and supervise.answers(_health_url(ml["port"]))
     detail = (f"healthy; backend {ml['backend']}; artifacts {ml['artifacts']}" if healthy
               else "running but not answering /health" if alive
               else "not running (`trainpipe stack up` starts it)")
     return ServiceStatus("mlflow", True, ml["pid"] if alive else None, ml["port"],
                          f"http://127.0.0.1:{ml['port']}", alive, healthy, detail)
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-            return r.status == 200
-    except (OSError, ValueError):
-        return False
 
 
 def _artifacts_location(destination: str | None, default: str | None) -> str:
@@ -613,71 +689,7 @@ def _check_bucket(destination: str, env: dict) -> None:
                          f"({redact_text(str(exc))})") from None
 
 
-# ----------------------------------------------------------------------------- processes
-
-
-def _alive(pid: int, started: int | None) -> bool:
-    """The process runs, and is the one recorded (same start time: pids get reused)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, someone else's (e.g. the postmaster, as root it is ours to signal)
-    if started is None:
-        return True
-    now = _start_time(pid)
-    return now is None or now == started
-
-
-def _start_time(pid: int | None) -> int | None:
-    if not pid:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name (field 2) may hold spaces: count fields after its closing ')'
-    fields = stat.rsplit(")", 1)[1].split()
-    state = fields[0]
-    if state == "Z":  # a zombie is gone for all purposes
-        return -1
-    return int(fields[19])
-
-
-def _stop_process_group(pid: int, timeout: float, group: bool = True) -> None:
-    """SIGTERM (the whole group: the server and its workers), then SIGKILL after timeout."""
-    kill = os.killpg if group else os.kill
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        running = _group_alive(pid) if group else _alive(pid, None)
-        if not running:
-            return
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        kill(pid, signal.SIGKILL)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # zombies still count for killpg: look for a live member
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+# ------------------------------------------------------------------------------- helpers
 
 
 def _stop_started(folder: Path, state: dict, started: list[str]) -> None:
@@ -691,23 +703,9 @@ def _stop_started(folder: Path, state: dict, started: list[str]) -> None:
         _save_state(folder, state)
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", int(port)))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ------------------------------------------------------------------------------- helpers
+def _process(recorded: dict) -> supervise.Process:
+    """A service's process as `stack.json` records it."""
+    return supervise.Process(recorded["pid"], recorded.get("started"))
 
 
 def _normalise_pg(uri: str) -> str:
@@ -722,66 +720,17 @@ def _libpq_uri(uri: str) -> str:
     return "postgresql://" + uri.split("://", 1)[1]
 
 
-def _without_userinfo(uri: str) -> str:
-    parts = urlsplit(uri)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _pg_message(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return redact_text(text.removeprefix("FATAL: ").strip())
 
 
-def _exc_reason(reason: object) -> str:
-    if isinstance(reason, BaseException):
-        text = str(reason.strerror or reason) if isinstance(reason, OSError) else str(reason)
-        return redact_text(text or type(reason).__name__)
-    return redact_text(str(reason))
-
-
-def _log_tail(log: Path | None, lines: int = 15) -> str:
-    if log is None:
-        return ""
-    try:
-        text = log.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
-    if not text:
-        return ""
-    return redact_text(f"\nlast lines of {log}:\n" + "\n".join(text))
-
-
 def _load_state(folder: Path) -> dict:
-    try:
-        return json.loads((folder / STATE_FILE).read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise StackError(f"{folder / STATE_FILE}: unreadable ({exc}); remove it after "
-                         "stopping the stack's processes by hand") from None
+    return supervise.read_state(folder / STATE_FILE)
 
 
 def _save_state(folder: Path, state: dict) -> None:
-    tmp = folder / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    tmp.replace(folder / STATE_FILE)
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """One `up` or `down` at a time per stack folder."""
-    import fcntl
-
-    with open(folder / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    supervise.write_state(folder / STATE_FILE, state)
 
 
 def as_dict(item: StackInfo | ServiceStatus) -> dict:

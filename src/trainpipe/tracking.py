@@ -54,7 +54,7 @@ class Tracking:
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         self.experiment = str(cfg.tracking.experiment)
-        from trainpipe.stack import check_tracking_server
+        from trainpipe.supervise import check_tracking_server
 
         check_tracking_server(self.uri)  # fail fast (not after MLflow's minutes of retries)
         quiet_mlflow()

@@ -292,3 +292,83 @@ def make_reachable_folder(prefix: str) -> Path:
 
 def remove_folder(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
+
+
+# ------------------------------------------------------------------- the stack's cluster
+
+
+def psql_as(user: str | None, port: int, sql: str = "select 1",
+            password: str | None = None) -> subprocess.CompletedProcess:
+    """psql to 127.0.0.1:`port` as the database user `postgres`, run as the OS user `user`
+    (None: this one), never prompting; with `password` in PGPASSWORD when given."""
+    from trainpipe import stack
+
+    psql = shutil.which("psql") or stack._pg_program("psql")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if password is not None:
+        env["PGPASSWORD"] = password
+    if user is not None:
+        import pwd
+
+        env["HOME"] = pwd.getpwnam(user).pw_dir
+    return subprocess.run([psql, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d",
+                           "mlflow", "-w", "-X", "-A", "-t", "-c", sql], env=env, cwd="/",
+                          capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL, **as_user(user))
+
+
+def as_user(user: str | None) -> dict:
+    """subprocess arguments that run a command as the OS user `user` (None: this one)."""
+    if user is None:
+        return {}
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def make_trust_cluster(folder: Path, running: bool) -> dict:
+    """A stack folder as trainpipe made them before the stack's cluster had a password: a
+    cluster made with `initdb -A trust` (any local user connects as superuser), holding the
+    database `mlflow` with a table `kept`, recorded in stack.json; running or stopped.
+    Returns what stack.json records of it."""
+    import psycopg2
+
+    from trainpipe import stack, supervise
+
+    pg_dir, data = folder / "postgres", folder / "postgres" / "data"
+    pg_dir.mkdir(parents=True)
+    user = "postgres" if os.geteuid() == 0 else None  # PostgreSQL refuses to run as root
+    if user is not None:
+        shutil.chown(pg_dir, user, user)
+    pg_dir.chmod(0o700)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+    def pg(*cmd: str) -> None:
+        subprocess.run([stack._pg_program(cmd[0]), *cmd[1:]], cwd=pg_dir, env=env, check=True,
+                       capture_output=True, timeout=180, stdin=subprocess.DEVNULL,
+                       start_new_session=True, **as_user(user))
+
+    pg("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C",
+       "--no-sync")
+    port = free_port()
+    log = pg_dir / "postgres.log"
+    pg("pg_ctl", "-D", str(data), "-l", str(log), "-o",
+       f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''", "-w", "start")
+    conn = psycopg2.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+    conn.autocommit = True
+    conn.cursor().execute("CREATE DATABASE mlflow")
+    conn.close()
+    with psycopg2.connect(f"postgresql://postgres@127.0.0.1:{port}/mlflow") as conn:
+        conn.cursor().execute("CREATE TABLE kept AS SELECT 'made before' AS note")
+    conn.close()
+    pid = int((data / "postmaster.pid").read_text().split("\n", 1)[0])
+    if not running:
+        pg("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+        pid = None
+    recorded = {"managed": True, "pid": pid, "started": supervise.start_time(pid),
+                "port": port, "data": str(data), "user": user,
+                "uri": f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow",
+                "log": str(log)}
+    (folder / "stack.json").write_text(json.dumps({"postgresql": recorded}, indent=2))
+    return recorded

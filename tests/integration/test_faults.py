@@ -21,7 +21,7 @@ from integration_support import (
     upload_demo,
 )
 
-from trainpipe import stack
+from trainpipe import stack, supervise
 
 
 def one_line(text: str) -> str:
@@ -47,16 +47,16 @@ def test_tracking_server_unreachable_fails_fast(server, moto, aws_env, tmp_path)
 
 
 def test_check_tracking_server(server):
-    stack.check_tracking_server(server.tracking_uri)  # answers: no error
+    supervise.check_tracking_server(server.tracking_uri)  # answers: no error
     port = free_port()
     start = time.monotonic()
-    with pytest.raises(stack.TrackingUnreachable) as caught:
-        stack.check_tracking_server(f"http://bob:{PG_PASSWORD}@127.0.0.1:{port}", timeout=5)
+    with pytest.raises(supervise.TrackingUnreachable) as caught:
+        supervise.check_tracking_server(f"http://bob:{PG_PASSWORD}@127.0.0.1:{port}", timeout=5)
     assert time.monotonic() - start < 15
     message = str(caught.value)
     assert f"http://bob:***@127.0.0.1:{port}" in message and PG_PASSWORD not in message
     assert "Connection refused" in message and caught.value.exit_code == 2
-    stack.check_tracking_server("sqlite:///mlflow.db")  # not a server: nothing to check
+    supervise.check_tracking_server("sqlite:///mlflow.db")  # not a server: nothing to check
 
 
 @pytest.mark.slow

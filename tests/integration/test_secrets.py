@@ -8,6 +8,7 @@ tables in PostgreSQL, every object in every bucket, the server's log and state f
 runs' output, the server's command line, the local folders."""
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from integration_support import (
     FAST,
     LAKE_BUCKET,
     PG_PASSWORD,
+    admin_connect,
     free_port,
     run_env,
     s3_keys,
@@ -136,3 +138,57 @@ def test_env_secrets_are_masked_in_free_text(monkeypatch):
     assert redact_text("max_tokens: 5, password_file=/etc/x") == (
         "max_tokens: 5, password_file=/etc/x")
     assert os.environ["PGPASSWORD"] == PG_PASSWORD
+
+
+def test_passwords_with_a_raw_at_or_slash_are_never_shown(server, database, moto, aws_env,
+                                                          tmp_path):
+    """A password with a raw '@' (tracking server: requests takes it whole) or a raw '/'
+    (PostgreSQL: SQLAlchemy takes it whole) works, so the runs succeed: no part of it
+    reaches the output, a param, a tag or the database."""
+    upload_demo(moto, "rawchars")
+    at_mark, slash_mark = f"at{uuid.uuid4().hex}", f"slash{uuid.uuid4().hex}"
+    at_password = f"pa@ss{at_mark}SECRET"  # masked before as far as its '@' only
+    slash_password = f"ab/cd{slash_mark}SECRET9"  # not masked at all before
+    role = f"{database.role}_raw"
+    conn = admin_connect()
+    with conn.cursor() as cur:  # a member of the database's owner: it may use its tables
+        cur.execute(f"CREATE ROLE {role} LOGIN PASSWORD %s IN ROLE {database.role}",
+                    (slash_password,))
+    conn.close()
+    host = server.tracking_uri.split("://", 1)[1]
+    pg_host = database.uri.split("@", 1)[1].split("/", 1)[0]
+    common = ("lake=s3", f"lake.root=s3://{LAKE_BUCKET}/rawchars", *FAST)
+    try:
+        via_server = trainpipe("run", "tracking=server", f"tracking.uri=http://bob:{at_password}"
+                               f"@{host}", "tracking.experiment=raw-at", *common, cwd=tmp_path,
+                               env=run_env(server, aws_env))
+        assert via_server.returncode == 0, via_server.stdout + via_server.stderr
+        assert f"http://bob:{MASK}@{host}" in via_server.stdout
+        direct = trainpipe("run", f"tracking.uri=postgresql://{role}:{slash_password}@{pg_host}"
+                           f"/{database.name}", "tracking.experiment=raw-slash", *common,
+                           cwd=tmp_path, env=run_env(server, aws_env))
+        assert direct.returncode == 0, direct.stdout + direct.stderr
+        assert f"postgresql://{role}:{MASK}@{pg_host}/{database.name}" in direct.stdout
+    finally:
+        conn = admin_connect()
+        with conn.cursor() as cur:
+            cur.execute(f"DROP ROLE IF EXISTS {role}")
+        conn.close()
+
+    places = {"output of the run through the server": via_server.stdout + via_server.stderr,
+              "output of the run on the database": direct.stdout + direct.stderr,
+              "the tracking database": database.dump()}
+    places |= {str(p): p.read_bytes().decode(errors="replace") for p in tmp_path.rglob("*")
+               if p.is_file() and p.stat().st_size < 50_000_000}
+    found = [f"{mark} in {where}" for where, text in places.items()
+             for mark in (at_mark, slash_mark) if mark in text]
+    assert not found, found
+    for experiment in ("raw-at", "raw-slash"):
+        recorded = database.query(
+            "select p.value, t.value from params p join tags t on p.run_uuid = t.run_uuid "
+            "join runs r on p.run_uuid = r.run_uuid join experiments e "
+            "on r.experiment_id = e.experiment_id where e.name = %s "
+            "and p.key = 'tracking.uri' and t.key = 'trainpipe.overrides'", (experiment,))
+        assert recorded, experiment
+        for param, tag in recorded:  # masked, not merely absent
+            assert f":{MASK}@" in param and f":{MASK}@" in tag, (param, tag)

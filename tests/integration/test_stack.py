@@ -4,6 +4,7 @@ an existing server. (The `trainpipe stack ...` commands call these functions.)""
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,14 +13,17 @@ import psycopg2
 import pytest
 from integration_support import (
     ARTIFACTS_BUCKET,
+    as_user,
     clean_env,
     free_port,
     make_reachable_folder,
+    make_trust_cluster,
+    psql_as,
     remove_folder,
     unavailable,
 )
 
-from trainpipe import stack
+from trainpipe import stack, supervise
 from trainpipe.errors import ConfigError
 
 
@@ -176,3 +180,92 @@ def test_argument_errors(tmp_path, kwargs, message):
 def test_no_stack_no_status(tmp_path):
     assert stack.status(tmp_path / "nothing") == []
     assert stack.down(tmp_path / "nothing") == []
+
+
+# ------------------------------------------------------- the own cluster's password (auth)
+
+OTHER_USERS = ("nobody", "postgres")  # any local user; `postgres` runs the stack's cluster
+
+
+def refused_without_the_password(port: int) -> None:
+    """Nobody gets in without the password: not this user, not another local user, not the
+    OS user the cluster runs as (with no password, or a wrong one)."""
+    users = [None, *OTHER_USERS] if os.geteuid() == 0 else [None]
+    for user in users:
+        for password in (None, "postgres"):
+            tried = psql_as(user, port, "COPY (SELECT 1) TO PROGRAM 'id'", password=password)
+            assert tried.returncode != 0, (user, tried.stdout)
+            assert ("no password supplied" in tried.stderr if password is None
+                    else "password authentication failed" in tried.stderr), (user, tried.stderr)
+
+
+def password_of(folder: Path) -> str:
+    path = folder / "postgres" / "password"
+    assert path.stat().st_mode & 0o777 == 0o600 and path.stat().st_uid == os.geteuid()
+    return path.read_text().strip()
+
+
+@pytest.mark.slow
+def test_own_cluster_lets_no_one_in_without_its_password(own_folder):
+    info = stack.up(own_folder, port=0, env=clean_env())
+    pg = by_name(info.services)["postgresql"]
+    password = password_of(own_folder)
+    assert len(password) >= 32
+    refused_without_the_password(pg.port)
+    if os.geteuid() == 0:  # another local user cannot read the password either
+        for user in OTHER_USERS:
+            read = subprocess.run(["cat", str(own_folder / "postgres" / "password")],
+                                  capture_output=True, text=True, **as_user(user))
+            assert read.returncode != 0 and "Permission denied" in read.stderr
+    # with the password: in (what the MLflow server does, given it in its environment)
+    assert psql_as(None, pg.port, "select current_user", password).stdout.strip() == "postgres"
+    mlflow.set_tracking_uri(info.tracking_uri)
+    mlflow.create_experiment("with a password")
+
+    # the password is never shown nor written elsewhere: state, logs, command lines, status
+    ml = by_name(info.services)["mlflow"]
+    places = {str(p): p.read_bytes() for p in own_folder.rglob("*")
+              if p.is_file() and p.name != "password" and "data" not in p.parts}
+    places |= {f"cmdline of {pid}": Path(f"/proc/{pid}/cmdline").read_bytes()
+               for pid in (ml.pid, pg.pid)}
+    places["what up returns"] = repr(info).encode()
+    places["status"] = repr(stack.status(own_folder)).encode()
+    assert {"stack.json", "mlflow.log", "postgres.log"} <= {Path(p).name for p in places}
+    assert [where for where, text in places.items() if password.encode() in text] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+def test_an_older_trust_cluster_is_secured_by_up(running):
+    """A cluster an older trainpipe made trusts every local connection: `up` stops it (when
+    it runs), gives it a password, restarts it with its data and port, and says so in
+    `status` until then."""
+    if not (shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))):
+        unavailable("initdb is not installed: the stack cannot run a PostgreSQL of its own")
+    root = make_reachable_folder("trainpipe-stack-trust-")
+    folder = root / "stack"
+    old: dict = {}
+    try:
+        old = make_trust_cluster(folder, running=running)
+        if running:
+            assert psql_as(None, old["port"]).returncode == 0  # anyone gets in
+            (before,) = stack.status(folder)
+            assert not before.healthy and "lets every local user in without a password" in (
+                before.detail)
+        info = stack.up(folder, port=0, env=clean_env())
+        assert info.started == ["postgresql", "mlflow"]
+        pg = by_name(info.services)["postgresql"]
+        assert pg.healthy and pg.port == old["port"] and pg.pid != old["pid"]
+        refused_without_the_password(pg.port)
+        kept = psql_as(None, pg.port, "select note from kept", password_of(folder))
+        assert kept.stdout.strip() == "made before", kept.stderr
+        assert "trust" not in (Path(old["data"]) / "pg_hba.conf").read_text()
+        mlflow.set_tracking_uri(info.tracking_uri)
+        mlflow.create_experiment("after the upgrade")
+        # the next `up` finds it secured: nothing restarts
+        assert stack.up(folder, env=clean_env()).reused == ["postgresql", "mlflow"]
+    finally:
+        stack.down(folder)
+        if old.get("pid"):
+            supervise.stop(supervise.Process(old["pid"], old["started"]), 30, group=False)
+        remove_folder(root)

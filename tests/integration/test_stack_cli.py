@@ -21,6 +21,9 @@ def test_stack_commands(tmp_path, own_folder_or_skip):
         status = trainpipe("stack", "status", "--folder", str(folder), cwd=tmp_path)
         assert status.returncode == 0
         assert "✓ postgresql" in status.stdout and "✓ mlflow" in status.stdout
+        password = (folder / "postgres" / "password").read_text().strip()
+        shown = "".join(r.stdout + r.stderr for r in (up, again, status))
+        assert password and password not in shown
     finally:
         down = trainpipe("stack", "down", "--folder", str(folder), cwd=tmp_path)
     assert down.returncode == 0
