@@ -121,7 +121,7 @@ def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
     result = RunResult([StepResult(s.name) for s in steps])
     try:
         with _sigterm_interrupts():
-            from trainpipe.stack import check_tracking_server
+            from trainpipe.supervise import check_tracking_server
 
             # an unreachable server stops us before any work (demo data included)
             check_tracking_server(str(cfg.tracking.uri))
