@@ -60,6 +60,10 @@ class Codec:
     def record(self, read: Read) -> tuple[dict[str, str], dict[str, float]]:
         return {}, {}
 
+    def provides(self) -> dict[str, Callable[[Read], Any]]:
+        """Other outputs read from the same files (a model's URI): name -> reader."""
+        return {}
+
 
 @dataclass(frozen=True)
 class Table(Codec):
@@ -128,14 +132,20 @@ class Json(Codec):
 @dataclass(frozen=True)
 class MlflowModel(Codec):
     """A model logged to the step's MLflow run; the lake keeps `model.json` (its URI).
-    `example` names the step's output that is the model's input example."""
+    `example` names the step's output that is the model's input example; the URI is also
+    an output of its own, `uri` (steps that need the model's name, not the model)."""
 
     example: str
+    uri_output: str = "model_uri"
     file: str = "model.json"
 
     def dump(self, value, ctx: SaveContext) -> Files:
         uri = ctx.log_model(value, ctx.outputs[self.example])
+        ctx.outputs[self.uri_output] = uri
         return {self.file: json.dumps({"model_uri": uri}).encode()}
+
+    def provides(self) -> dict[str, Callable[[Read], Any]]:
+        return {self.uri_output: self.uri}
 
     def load(self, read: Read):
         import mlflow.sklearn
@@ -162,6 +172,12 @@ def stored(module) -> dict[str, Codec]:
     return {name: codec for name, codec in module.OUTPUTS.items() if codec is not None}
 
 
+def outputs(module) -> tuple[str, ...]:
+    """Every output name of a step: declared ones and those its codecs provide."""
+    provided = [n for codec in stored(module).values() for n in codec.provides()]
+    return (*module.OUTPUTS, *provided)
+
+
 class Catalog:
     """The outputs of one config's steps. `steps` maps a step name to its module (which
     declares ZONE and OUTPUTS), `fingerprints` a step name to its fingerprint."""
@@ -170,7 +186,7 @@ class Catalog:
                  fingerprints: dict[str, str], steps: dict[str, Any]):
         self.cfg, self.lake, self.sources = cfg, lake, sources
         self.fingerprints, self.steps = fingerprints, steps
-        self.producer = {out: name for name, module in steps.items() for out in module.OUTPUTS}
+        self.producer = {out: name for name, module in steps.items() for out in outputs(module)}
         self._verified: dict[tuple[str, str], bytes] = {}  # (step, file) -> checked bytes
 
     def publishes(self, step: str) -> bool:
@@ -218,8 +234,7 @@ class Catalog:
     def load(self, name: str, compute: Callable[[str], dict[str, Any]]):
         """An output of a step that did not run in this process. What is stored is read
         (and checked); what is not is made again by `compute(step)` (ingest: re-read)."""
-        step = self.producer[name]
-        codec = stored(self.steps[step]).get(name)
+        step, codec = self.producer[name], self.codec(name)
         if codec is None:
             return compute(step)[name]
         manifest = self.manifest(step)
@@ -227,7 +242,15 @@ class Catalog:
             raise DamagedOutput(self.url(step), "it is not published")
         if codec.optional and not set(codec.names()) & set(manifest["files"]):
             return None
-        return codec.load(lambda file: self.read(step, file, manifest))
+        load = codec.provides().get(name, codec.load)
+        return load(lambda file: self.read(step, file, manifest))
+
+    def codec(self, name: str) -> Codec | None:
+        """The codec that stores an output (or provides it from its files); None for an
+        output that is not stored."""
+        codecs = stored(self.steps[self.producer[name]])
+        return codecs.get(name) or next((c for c in codecs.values() if name in c.provides()),
+                                        None)
 
     def read(self, step: str, file: str, manifest: dict) -> bytes:
         """A published file's bytes, checked against the manifest's digest (once a run)."""

@@ -20,7 +20,7 @@ from types import ModuleType
 from omegaconf import DictConfig
 
 from trainpipe import cache, demo, lake
-from trainpipe.catalog import Catalog, stored
+from trainpipe.catalog import Catalog, outputs, stored
 from trainpipe.errors import ConfigError, Interrupted
 from trainpipe.lake import DamagedOutput
 from trainpipe.steps import evaluate, features, ingest, split, train, validate
@@ -35,7 +35,7 @@ class Step:
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return tuple(self.module.OUTPUTS)
+        return outputs(self.module)
 
 
 DATASET = ("dataset.target", "dataset.task")
@@ -207,7 +207,7 @@ def _check_input(catalog: Catalog, name: str, reused: dict[str, dict | None]) ->
     producer = PRODUCER.get(name)
     if producer is None or reused.get(producer) is None and producer in reused:
         return  # made in this run
-    codec = stored(catalog.steps[producer]).get(name)
+    codec = catalog.codec(name)
     manifest = reused.get(producer) or catalog.manifest(producer)
     if codec is None or manifest is None:
         return

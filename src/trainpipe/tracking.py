@@ -79,7 +79,7 @@ class Tracking:
         tags = {"trainpipe.kind": "pipeline", "trainpipe.version": trainpipe.__version__,
                 "trainpipe.dataset": cfg.dataset.name, "trainpipe.model": cfg.model.name,
                 "trainpipe.steps": ",".join(steps),
-                "trainpipe.overrides": redact_text(" ".join(overrides))}
+                "trainpipe.overrides": " ".join(redact_text(o) for o in overrides)}
         tags |= _source_tags() | _git_tags() | _process_tags()
         with self._ended_run(f"{cfg.dataset.name}-{cfg.model.name}", tags, resume) as run_id:
             params = flat_params(cfg)
