@@ -101,12 +101,13 @@ def task_table(task: str, rows: int = 600, seed: int = 0) -> pd.DataFrame:
 def task_dataset_yaml(task: str, source: Path) -> str:
     label = ("{type: float}" if task == "regression"
              else "{type: str, values: [low, mid, high, 'yes', 'no']}")
+    positive = "positive_class: 'yes'\n" if task == "binary" else ""
     return f"""\
 name: toy_{task}
 source: {source}
 task: {task}
 target: label
-id_column: key
+{positive}id_column: key
 columns:
   key:    {{type: int, min: 0}}
   x1:     {{type: float}}

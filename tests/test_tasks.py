@@ -28,3 +28,30 @@ def test_each_task_end_to_end(task_config, task, metric, floor):
     features = set(pipeline[-1].feature_name_)  # ordinal encoding: one column each
     assert {"booked", "member", "colour", "x1_times_x2"} <= features
     assert not {"key", "notes", "label"} & features
+
+
+def test_the_positive_class_is_the_one_named(task_config):
+    """Labels that are not 0/1 or false/true: the metrics are about the class the dataset
+    file names, never about whichever label sorts last."""
+    conf = task_config("binary")
+    workdir = conf.parent
+    path = conf / "dataset" / "toy_binary.yaml"
+    text = path.read_text()
+    path.write_text(text.replace("positive_class: 'yes'\n", ""))
+    result = trainpipe("run", "--config-dir", str(conf), "dataset=toy_binary", cwd=workdir)
+    assert result.returncode == 2
+    assert "dataset.positive_class: the binary target 'label' has the labels" in result.stderr
+    assert not (workdir / "mlflow.db").exists() or runs(workdir).empty
+
+    path.write_text(text.replace("positive_class: 'yes'", "positive_class: 'no'"))
+    result = trainpipe("run", "--config-dir", str(conf), "dataset=toy_binary",
+                       "model.params.n_estimators=30", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "(positive class 'no')" in result.stdout
+    parent = runs(workdir).query("`tags.trainpipe.kind` == 'pipeline'").iloc[0]
+    table = task_table("binary")
+    # recall of 'no' is tp / (tp + fn) with 'no' as positive: the confusion counts agree
+    tp, fn = parent["metrics.test_tp"], parent["metrics.test_fn"]
+    assert parent["metrics.test_recall"] == pytest.approx(tp / (tp + fn))
+    assert tp + fn == pytest.approx(0.15 * (table["label"] == "no").sum(), abs=2)
+    assert parent["metrics.test_roc_auc"] > 0.8  # the score of 'no', not of 'yes'

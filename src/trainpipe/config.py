@@ -159,10 +159,22 @@ def check(cfg: DictConfig) -> None:
         typed = _typed(value, kind)
         if typed is None or not rule(typed):
             raise ConfigError(f"{key}={value!r}: must be {meaning}")
+    _check_positive_class(cfg.dataset)
     val, test = float(cfg.split.val_size), float(cfg.split.test_size)
     if val + test >= 1:
         raise ConfigError(f"split.val_size={val}, split.test_size={test}: together they must "
                           "be less than 1 (the training split gets the rest)")
+
+
+def _check_positive_class(dataset: DictConfig) -> None:
+    """A binary target whose allowed values are not 0/1 or false/true needs
+    `dataset.positive_class` (the label recall and precision are about), one of them."""
+    values = (dataset.columns.get(dataset.target) or {}).get("values")
+    if dataset.task != "binary" or values is None:
+        return
+    from trainpipe.steps.evaluate import positive_class
+
+    positive_class(dataset, list(values))  # ConfigError naming the key and the labels
 
 
 def _typed(value: Any, kind: type) -> Any:

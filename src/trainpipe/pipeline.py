@@ -32,6 +32,7 @@ class Step:
     module: ModuleType  # `run(cfg, **inputs)` does the work; OUTPUTS declares what it makes
     inputs: tuple[str, ...]
     reads: tuple[str, ...]  # the config keys it reads: part of its fingerprint
+    when: Callable[[DictConfig], bool] = lambda cfg: True  # does it apply to this config?
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -51,7 +52,8 @@ STEPS = (
     # The model lives in the tracking store: another store means another output.
     Step("train", train, ("splits", "transformer", "features"), ("model", "tracking.uri",
                                                                  *DATASET)),
-    Step("evaluate", evaluate, ("model", "features"), ("evaluate", *DATASET)),
+    Step("evaluate", evaluate, ("model", "features"), ("evaluate", "dataset.positive_class",
+                                                        *DATASET)),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)
 PRODUCER = {output: step.name for step in STEPS for output in step.outputs}
@@ -116,7 +118,7 @@ def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
         on_notice: Callable[[str], None] = lambda m: None) -> RunResult:
     """Run the steps from `first` to `last` (default: all). Never raises: the error, if
     any, is in the result, and every MLflow run has already ended."""
-    steps = select(first, last)
+    steps = [s for s in select(first, last) if s.when(cfg)]
     force = force or bool(cfg.get("force", False))
     result = RunResult([StepResult(s.name) for s in steps])
     try:

@@ -7,30 +7,64 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from trainpipe.catalog import Json
+from trainpipe.errors import ConfigError
 from trainpipe.steps import Report
 
 ZONE = "models"
 OUTPUTS = {"metrics": Json("metrics.json", parent="metrics")}
+# Each task's primary metric (the headline, the registry gate, the tuning objective) and
+# whether more is better.
+PRIMARY = {"binary": ("roc_auc", True), "multiclass": ("f1_score", True),
+           "regression": ("root_mean_squared_error", False)}
 
 
 def run(cfg: DictConfig, model, features: dict[str, pd.DataFrame]) -> tuple[dict, Report]:
     task, target = cfg.dataset.task, cfg.dataset.target
     estimator = model[-1]  # the features are already transformed in the feature zone
+    positive = positive_class(cfg.dataset, getattr(estimator, "classes_", None))
     metrics, predictions = {}, {}
     for split in ("val", "test"):
         x, y = features[split].drop(columns=[target]), features[split][target]
-        pred, proba = _predict(estimator, x, task)
+        pred, proba = predict(estimator, x, task)
         predictions[split] = (y, pred, proba)
-        scores = _metrics(task, y, pred, proba, classes=getattr(estimator, "classes_", None))
+        scores = metrics_of(task, y, pred, proba, getattr(estimator, "classes_", None), positive)
         metrics |= {f"{split}_{k}": float(v) for k, v in scores.items()}
-    artifacts = _plots(task, estimator, *predictions["test"]) if cfg.evaluate.plots else {}
-    headline = {"binary": "test_roc_auc", "multiclass": "test_f1_score",
-                "regression": "test_root_mean_squared_error"}[task]
-    return {"metrics": metrics}, Report(
-        summary=f"{headline} {metrics[headline]:.4f}", metrics=metrics, artifacts=artifacts)
+    artifacts = (_plots(task, estimator, *predictions["test"], positive)
+                 if cfg.evaluate.plots else {})
+    headline = f"test_{PRIMARY[task][0]}"
+    summary = f"{headline} {metrics[headline]:.4f}"
+    tags = {}
+    if task == "binary":
+        summary += f" (positive class {positive!r})"
+        tags["trainpipe.positive_class"] = str(positive)
+    return {"metrics": metrics}, Report(summary=summary, metrics=metrics, artifacts=artifacts,
+                                        tags=tags)
 
 
-def _predict(estimator, x, task):
+def positive_class(dataset: DictConfig, classes) -> object:
+    """The label a binary task's metrics are about: `dataset.positive_class`, or 1 / True
+    when the labels are 0/1 or false/true; any other pair must be named in the config."""
+    if dataset.task != "binary" or classes is None:
+        return None
+    labels = list(classes)
+    chosen = dataset.get("positive_class")
+    if chosen is not None:
+        for label in labels:  # the config's 1 names the label 1, its "yes" the label "yes"
+            if str(label) == str(chosen):
+                return label
+        raise ConfigError(f"dataset.positive_class: {chosen!r} is not one of the target's "
+                          f"labels {[_plain(v) for v in labels]}")
+    as_text = {str(v).lower() for v in labels}
+    if as_text in ({"0", "1"}, {"false", "true"}, {"0.0", "1.0"}):
+        return next(v for v in labels if str(v).lower() in ("1", "true", "1.0"))
+    raise ConfigError(f"dataset.positive_class: the binary target {dataset.target!r} has the "
+                      f"labels {[_plain(v) for v in labels]}; say which one the metrics (recall, "
+                      "precision, ROC) are about, e.g. dataset.positive_class="
+                      f"{_plain(labels[-1])}")
+
+
+def predict(estimator, x, task):
+    """Predicted labels (values) and class probabilities (None for regression)."""
     if task == "regression":
         return estimator.predict(x), None
     proba = estimator.predict_proba(x)
@@ -38,7 +72,8 @@ def _predict(estimator, x, task):
     return labels, proba
 
 
-def _metrics(task: str, y, pred, proba, classes) -> dict[str, float]:
+def metrics_of(task: str, y, pred, proba, classes, positive=None) -> dict[str, float]:
+    """Every metric of a task, from true values, predictions and probabilities."""
     from sklearn import metrics as m
 
     if task == "regression":
@@ -51,9 +86,11 @@ def _metrics(task: str, y, pred, proba, classes) -> dict[str, float]:
         return {"accuracy_score": m.accuracy_score(y, pred),
                 "f1_score": m.f1_score(y, pred, average="macro"),
                 "log_loss": log_loss}
-    negative, positive = classes
+    classes = list(classes)
+    negative = next(c for c in classes if c != positive)
     tn, fp, fn, tp = m.confusion_matrix(y, pred, labels=[negative, positive]).ravel()
-    return {"roc_auc": m.roc_auc_score(y, proba[:, 1]),
+    score = proba[:, classes.index(positive)]
+    return {"roc_auc": m.roc_auc_score(np.asarray(y) == positive, score),
             "log_loss": log_loss,
             "accuracy_score": m.accuracy_score(y, pred),
             "precision": m.precision_score(y, pred, pos_label=positive, zero_division=0),
@@ -62,7 +99,11 @@ def _metrics(task: str, y, pred, proba, classes) -> dict[str, float]:
             "tn": tn, "fp": fp, "fn": fn, "tp": tp}
 
 
-def _plots(task: str, estimator, y, pred, proba) -> dict[str, bytes]:
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def _plots(task: str, estimator, y, pred, proba, positive) -> dict[str, bytes]:
     """PNG plots drawn straight on matplotlib Figures (no pyplot, no global state)."""
     from matplotlib.figure import Figure
     from sklearn import metrics as m
@@ -77,9 +118,9 @@ def _plots(task: str, estimator, y, pred, proba) -> dict[str, bytes]:
         plots[name] = buf.getvalue()
 
     if task == "binary":
-        positive = estimator.classes_[1]
-        fpr, tpr, _ = m.roc_curve(y, proba[:, 1], pos_label=positive)
-        precision, recall, _ = m.precision_recall_curve(y, proba[:, 1], pos_label=positive)
+        score = proba[:, list(estimator.classes_).index(positive)]
+        fpr, tpr, _ = m.roc_curve(y, score, pos_label=positive)
+        precision, recall, _ = m.precision_recall_curve(y, score, pos_label=positive)
         auc = m.auc(fpr, tpr)
 
         def roc(ax):
