@@ -203,7 +203,8 @@ def published_outputs_are_whole(lake_root: Path) -> int:
 def start(folder: Path, *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     return subprocess.Popen([sys.executable, "-m", "trainpipe", "run", *args], cwd=folder,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group: a "lost machine" kill
 
 
 def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 120) -> None:
@@ -256,37 +257,63 @@ def big_demo(workdir) -> Path:
     return workdir
 
 
-@pytest.mark.parametrize("moment", ["features", "train", "publishing"])
+def wait_for_manifests(folder: Path, steps: list[str], timeout: float = 120) -> None:
+    """Outputs are published in the background while the next step runs: wait for them."""
+    deadline = time.monotonic() + timeout
+    while not all(list(folder.glob(f"lake/*/*/{s}/*/manifest.json")) for s in steps):
+        assert time.monotonic() < deadline, f"{steps} not all published in time"
+        time.sleep(0.05)
+
+
+def wait_for_no_running(folder: Path, timeout: float = 60) -> pd.DataFrame:
+    deadline = time.monotonic() + timeout
+    while "RUNNING" in set((df := step_runs(folder))["status"]):
+        assert time.monotonic() < deadline, "runs still RUNNING"
+        time.sleep(0.2)
+    return df
+
+
+# features, publishing: the pipeline's process is killed; its tracker process sees it go and
+# ends the runs KILLED. machine: the pipeline and its tracker die together (a lost machine);
+# the next run marks what they left RUNNING as KILLED.
+@pytest.mark.parametrize("moment", ["features", "publishing", "machine"])
 def test_kill_9_then_resume(big_demo, moment):
     folder = big_demo
     args = ["model.params.n_estimators=40", "model.params.n_jobs=1"]
+    earlier = {"features": ["validate", "split"], "machine": ["validate", "split", "features"],
+               "publishing": ["validate", "split"]}[moment]
     if moment == "publishing":
         proc = start_paused_while_publishing(folder, *args)
     else:
         proc = start(folder, *args)
-        wait_for_line(proc, f"▶ {moment}")
-    proc.send_signal(signal.SIGKILL)
+        wait_for_line(proc, "▶ features" if moment == "features" else "▶ train")
+        wait_for_manifests(folder, earlier)
+    if moment == "machine":
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
 
-    published = published_outputs_are_whole(folder / "lake")
-    assert published >= 2  # validate and split finished before the kill
+    published_outputs_are_whole(folder / "lake")
     finished = [s for s in STEPS[1:] if list((folder / "lake").glob(f"*/*/{s}/*/manifest.json"))]
-    assert "train" not in finished
-    if moment == "train":  # (features may finish in the moment a kill takes to land)
-        assert "features" in finished
+    assert "train" not in finished and set(earlier) <= set(finished)
     if moment == "publishing":  # a features file is written, its manifest is not
         assert "features" not in finished
         assert list((folder / "lake/features").glob("*/features/*/*/*"))
-    before = step_runs(folder)
-    assert "RUNNING" in set(before["status"])  # SIGKILL leaves no chance to clean up
+    if moment == "machine":
+        before = step_runs(folder)
+        assert "RUNNING" in set(before["status"])  # nobody was left to clean up
+    else:
+        before = wait_for_no_running(folder)  # the tracker ended them
+    unfinished = set(before[before["status"] != "FINISHED"]["run_id"])
+    assert unfinished  # the parent, at least
 
     result = trainpipe("run", *args, cwd=folder)
     assert result.returncode == 0, result.stderr
     after = step_runs(folder)
     assert "RUNNING" not in set(after["status"])
-    killed = set(before[before["status"] == "RUNNING"]["run_id"])
-    assert set(after[after["run_id"].isin(killed)]["status"]) == {"KILLED"}
+    assert set(after[after["run_id"].isin(unfinished)]["status"]) == {"KILLED"}
     assert reused(latest_parent(folder)) == finished  # reuses what finished
     published_outputs_are_whole(folder / "lake")
 

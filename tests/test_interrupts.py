@@ -41,20 +41,39 @@ def test_a_signal_during_train_ends_runs_killed(workdir, sig):
                                  "features": "FINISHED"}
 
 
-def test_an_error_in_a_step_ends_runs_failed(demo_lake):
+def test_a_config_error_stops_before_any_run(demo_lake):
     result = trainpipe("run", "model.params.max_depth=-5", cwd=demo_lake)
-    assert result.returncode == 2  # a config error, found before the fit
-    assert ("error: model.params: The 'max_depth' parameter of RandomForestClassifier must be"
-            in result.stderr)  # scikit-learn's own words, under the key to fix
+    assert result.returncode == 2  # a config error, found before any step runs
+    assert ("error: model.params: sklearn.ensemble.RandomForestClassifier refuses them: The "
+            "'max_depth' parameter of RandomForestClassifier must be" in result.stderr)
     assert "Traceback" not in result.stderr
-    got = statuses(demo_lake)
-    assert got["pipeline"] == "FAILED" and got["train"] == "FAILED"
-    assert "evaluate" not in got
-    assert "RUNNING" not in got.values()
-
-
-def test_a_bad_model_param_is_a_config_error(demo_lake):
+    assert not (demo_lake / "mlflow.db").exists() or runs(demo_lake).empty
     result = trainpipe("run", "+model.params.no_such_param=1", cwd=demo_lake)
     assert result.returncode == 2
     assert "model.params" in result.stderr and "no_such_param" in result.stderr
-    assert statuses(demo_lake)["train"] == "FAILED"
+
+
+# trainpipe with one change: the fit fails (as out of memory would), after the data steps.
+FAILING_FIT = """
+import sys
+from trainpipe.steps import train
+def out_of_memory(*args, **kwargs):
+    raise MemoryError("the fit ran out of memory")
+train.run = out_of_memory
+from trainpipe.cli import main
+sys.argv[0] = "trainpipe"
+main()
+"""
+
+
+def test_an_error_in_a_step_ends_runs_failed(demo_lake):
+    result = subprocess.run([sys.executable, "-c", FAILING_FIT, "run"], cwd=demo_lake,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 1
+    assert "MemoryError: the fit ran out of memory" in result.stderr
+    got = statuses(demo_lake)
+    assert got == {"pipeline": "FAILED", "train": "FAILED", "ingest": "FINISHED",
+                   "validate": "FINISHED", "split": "FINISHED", "features": "FINISHED"}
+    published = [s for s in ("validate", "split", "features", "train")
+                 if list(demo_lake.glob(f"lake/*/hotel_bookings/{s}/*/manifest.json"))]
+    assert published == ["validate", "split", "features"]  # what finished is kept

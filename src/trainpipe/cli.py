@@ -195,12 +195,18 @@ def _print_services(services) -> None:
 
 def _execute(span, overrides, multirun, print_cfg, config_dir, verbose, force) -> None:
     from trainpipe import config, pipeline
+    from trainpipe.tracker import Tracker
 
+    # MLflow loads in a process of its own while the config is read and the data checked;
+    # a run with nothing to do ends it unused.
+    tracker = Tracker.start() if print_cfg is None else None
     try:
         pipeline.select(*span)  # unknown step names are usage errors, before anything runs
         jobs = config.expand_sweeps(overrides) if multirun else [overrides]
         cfgs = [config.compose(job, config_dir) for job in jobs]
     except TrainpipeError as exc:
+        if tracker is not None:
+            tracker.discard()
         _fail(exc, verbose)
     if print_cfg is not None:
         for job_cfg in cfgs:
@@ -210,12 +216,13 @@ def _execute(span, overrides, multirun, print_cfg, config_dir, verbose, force) -
     for i, (job, job_cfg) in enumerate(zip(jobs, cfgs, strict=True)):
         if multirun:
             out.rule(f"job {i + 1}/{len(jobs)}: {' '.join(job) or '(defaults)'}")
-        codes.append(_run_one(job_cfg, job, span, force, verbose))
+        codes.append(_run_one(job_cfg, job, span, force, verbose,
+                              tracker if i == 0 else Tracker.start()))
     if any(codes):
         raise typer.Exit(max(codes))
 
 
-def _run_one(cfg, overrides, span, force, verbose) -> int:
+def _run_one(cfg, overrides, span, force, verbose, tracker) -> int:
     from trainpipe import pipeline
 
     lake, tracking = redact_text(str(cfg.lake.root)), redact_text(str(cfg.tracking.uri))
@@ -232,7 +239,7 @@ def _run_one(cfg, overrides, span, force, verbose) -> int:
                       highlight=False, soft_wrap=True)
 
     result = pipeline.run(cfg, overrides, *span, force=force, on_step=on_step,
-                          on_notice=lambda m: out.print(f"  [yellow]![/] {m}"))
+                          on_notice=lambda m: out.print(f"  [yellow]![/] {m}"), tracker=tracker)
     _summary(cfg, result)
     if result.error is not None:
         if isinstance(result.error, KeyboardInterrupt | Interrupted):

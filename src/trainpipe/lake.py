@@ -258,6 +258,11 @@ class Source:
     digest: str
     format: str  # "csv" or "parquet"
 
+    def describe(self) -> dict:
+        """What a record of it needs (not the bytes)."""
+        return {"url": self.url, "digest": self.digest, "bytes": len(self.data),
+                "format": self.format}
+
 
 def read_source(url: str) -> Source:
     """Read a CSV or Parquet file from any fsspec URL; a clear SourceError otherwise."""

@@ -115,9 +115,13 @@ def select(first: str | None, last: str | None) -> list[Step]:
 def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
         last: str | None = None, force: bool = False,
         on_step: Callable[[StepResult], None] = lambda r: None,
-        on_notice: Callable[[str], None] = lambda m: None) -> RunResult:
+        on_notice: Callable[[str], None] = lambda m: None, tracker=None) -> RunResult:
     """Run the steps from `first` to `last` (default: all). Never raises: the error, if
-    any, is in the result, and every MLflow run has already ended."""
+    any, is in the result, and every MLflow run has already ended. `tracker`: a
+    tracker.Tracker already started (the CLI starts one first thing, so MLflow is imported
+    while the config is read); without one, it is started when there is work."""
+    from trainpipe.tracker import Tracker
+
     steps = [s for s in select(first, last) if s.when(cfg)]
     force = force or bool(cfg.get("force", False))
     result = RunResult([StepResult(s.name) for s in steps])
@@ -136,9 +140,13 @@ def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
             if all(reused[s.name] is not None for s in steps) and not recorded:
                 _report_up_to_date(catalog, steps, reused, result, on_step)
                 return result
-            _run_tracked(cfg, overrides, catalog, steps, reused, result, on_step)
+            tracker = tracker or Tracker.start()
+            _run_tracked(cfg, overrides, catalog, steps, reused, result, on_step, tracker)
     except BaseException as exc:  # noqa: BLE001 - reported to the caller, runs already ended
         result.error = exc
+    finally:
+        if tracker is not None:
+            tracker.discard()  # unused (up to date, or stopped before any run), or ended
     return result
 
 
@@ -271,29 +279,36 @@ def _reused_summary(manifest: dict) -> str:
 
 
 def _collect(result: RunResult, tags: dict[str, str], metrics: dict[str, float],
-             tracking=None, new: bool = False) -> None:
+             tracking=None, parent=None, new: bool = False) -> None:
     """What the parent run records, as it comes (a later failure keeps what came before).
     New metrics (from a step that ran) are also recorded on the run's logged model."""
     result.tags |= tags
     result.metrics |= metrics
-    if tracking is not None and result.run_id is not None:
+    if tracking is not None:
         if tags:
-            tracking.set_tags(result.run_id, tags)
+            tracking.set_tags(parent, tags)
         if metrics:
             model = result.tags.get("trainpipe.model_uri") if new else None
-            tracking.log_metrics(result.run_id, metrics, model_uri=model)
+            tracking.log_metrics(parent, metrics, model_uri=model)
 
 
 def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps: list[Step],
-                 reused: dict[str, dict | None], result: RunResult, on_step) -> None:
-    from trainpipe.tracking import Tracking, warm_up
+                 reused: dict[str, dict | None], result: RunResult, on_step, tracker) -> None:
+    """Run the steps that must run, recorded through the tracker process. A step's outputs
+    are published in the background while the next step works (the step after it takes
+    them from memory): MLflow's run ids, which manifests name, arrive when they arrive."""
+    from trainpipe.tracker import WAIT_AFTER_INTERRUPT
 
-    tracking = Tracking(cfg)
-    if any(reused.get(s) is None for s in ("train", "evaluate")):
-        warm_up()  # only when a model will be logged or plots drawn
-    with tracking.pipeline_run(cfg, overrides, [s.name for s in steps]) as parent:
-        result.run_id = parent
-        tracking.log_sources(parent, cfg, catalog.sources)
+    tracking = tracker.open(cfg)
+    for step in steps:  # e.g. the plotting backend, imported while earlier steps run
+        if reused[step.name] is None and hasattr(step.module, "warm_up"):
+            step.module.warm_up()
+    parent = tracking.start_pipeline(cfg, overrides, [s.name for s in steps])
+    publisher = Publisher()
+    status = "FAILED"
+    try:
+        sources = {role: source.describe() for role, source in catalog.sources.items()}
+        tracking.log_sources(parent, cfg, sources)
         values: dict = {"sources": catalog.sources}
 
         def compute(name: str) -> dict:  # an output that is not stored: make it again
@@ -302,15 +317,87 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
 
         for step, step_result in zip(steps, result.steps, strict=True):
             if reused[step.name] is not None:
-                _reuse(tracking, catalog, step, step_result, reused[step.name], result,
-                       on_step)
+                publisher.submit(lambda s=step, r=step_result: _reuse(
+                    tracking, parent, catalog, s, r, reused[s.name], result, on_step))
             else:
-                values |= _run_step(cfg, step, step_result, values, catalog, tracking,
-                                    compute, result, on_step)
+                values |= _run_step(cfg, step, step_result, values, catalog, tracking, parent,
+                                    compute, result, on_step, publisher)
+            publisher.raise_errors()  # a failed publish stops the run here, not at the end
+            tracker.raise_errors()  # likewise a failed write to MLflow
+        publisher.drain()
+        status = "FINISHED"
+    except (KeyboardInterrupt, Interrupted):
+        status = "KILLED"
+        raise
+    finally:
+        timeout = WAIT_AFTER_INTERRUPT if status == "KILLED" else None
+        publisher.stop(timeout)
+        _finish(tracker, tracking, parent, status, result, timeout)
 
 
-def _reuse(tracking, catalog: Catalog, step: Step, step_result: StepResult, manifest: dict,
-           result: RunResult, on_step) -> None:
+class Publisher:
+    """Publishes step outputs one at a time, in order, in a thread of its own."""
+
+    def __init__(self):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue()
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._work, name="trainpipe-publish",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._queue.put(job)
+
+    def raise_errors(self) -> None:
+        if self._errors:
+            raise self._errors[0]
+
+    def drain(self) -> None:
+        """Wait until everything submitted is published; raise the first failure."""
+        self._queue.join()
+        self.raise_errors()
+
+    def stop(self, timeout: float | None) -> None:
+        """Finish what was submitted (steps that finished keep their outputs, also when a
+        later one fails or is interrupted), waiting at most `timeout` seconds."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                if not self._errors:
+                    job()
+            except BaseException as exc:  # noqa: BLE001 - raised in the pipeline's thread
+                self._errors.append(exc)
+            finally:
+                self._queue.task_done()
+
+
+def _finish(tracker, tracking, parent, status: str, result: RunResult,
+            timeout: float | None) -> None:
+    """End the runs and wait for the tracker. When the run already failed, that error is
+    the one to report: the tracker's own troubles then only stop it."""
+    import sys
+
+    failing = sys.exc_info()[1] is not None
+    try:
+        tracking.end_open_runs(status)
+        tracker.close(timeout)
+        result.run_id = parent.result(0)
+    except BaseException:
+        tracker.discard()
+        if parent.done() and parent._error is None:
+            result.run_id = parent.result(0)
+        if not failing:
+            raise
+
+
+def _reuse(tracking, parent, catalog: Catalog, step: Step, step_result: StepResult,
+           manifest: dict, result: RunResult, on_step) -> None:
     """A reused step makes no run of its own: the parent run lists it (its fingerprint and
     the run that made its output)."""
     step_result.status, step_result.summary = "cached", _reused_summary(manifest)
@@ -319,50 +406,66 @@ def _reuse(tracking, catalog: Catalog, step: Step, step_result: StepResult, mani
         tags, metrics = catalog.record(step.name, manifest)
         tags[f"trainpipe.reused.{step.name}"] = (
             f"fingerprint {catalog.fingerprints[step.name]}, made by run {made_by}")
-        _collect(result, tags, metrics, tracking)
+        _collect(result, tags, metrics, tracking, parent)
     on_step(step_result)
 
 
 def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: Catalog,
-              tracking, compute, result: RunResult, on_step) -> dict:
-    fingerprint = catalog.fingerprints[step.name]
+              tracking, parent, compute, result: RunResult, on_step, publisher) -> dict:
     step_result.status = "running"
     on_step(step_result)
     start = time.perf_counter()
+    run = tracking.start_step(step.name, catalog.fingerprints[step.name], parent)
     try:
-        with tracking.step_run(step.name, fingerprint) as run_id:
-            for name in step.inputs:
-                if name not in values:
-                    values[name] = catalog.load(name, compute)
-            inputs = {name: values[name] for name in step.inputs}
-            try:
-                outputs, report = step.module.run(cfg, **inputs)
-            except Exception as exc:
-                _record_failure_report(tracking, run_id, exc)
-                raise
-            manifest = catalog.save(step.name, outputs, tracking.log_model, run_id=run_id,
-                                    pipeline_run_id=result.run_id)
-            tracking.record(run_id, report)
-            if manifest:
-                _collect(result, *catalog.record(step.name, manifest), tracking, new=True)
+        for name in step.inputs:
+            if name not in values:
+                values[name] = catalog.load(name, compute)
+        try:
+            outputs, report = step.module.run(cfg, **{n: values[n] for n in step.inputs})
+        except Exception as exc:
+            _record_failure_report(tracking, run, exc)
+            raise
         step_result.status, step_result.summary = "done", report.summary
     except (KeyboardInterrupt, Interrupted):
-        step_result.status = "killed"
+        step_result.status = "killed"  # the parent's end takes every open run with it
         raise
     except BaseException:
         step_result.status = "failed"
+        tracking.end_run(run, "FAILED")
         raise
     finally:
         step_result.seconds = time.perf_counter() - start
         on_step(step_result)
+    publisher.submit(lambda: _publish(step, dict(outputs), report, run, parent, catalog,
+                                      tracking, result, step_result))
     return outputs
 
 
-def _record_failure_report(tracking, run_id: str, exc: Exception) -> None:
+def _publish(step: Step, outputs: dict, report, run, parent, catalog: Catalog, tracking,
+             result: RunResult, step_result: StepResult) -> None:
+    """A step's outputs into the lake (and its model into MLflow), its report onto its run."""
+    try:
+        manifest = {}
+        if catalog.publishes(step.name):
+            manifest = catalog.save(
+                step.name, outputs, lambda model, example: tracking.log_model(
+                    run, model, example).result(), run_id=run.result(),
+                pipeline_run_id=parent.result())
+        tracking.record(run, report)
+        if manifest:
+            _collect(result, *catalog.record(step.name, manifest), tracking, parent, new=True)
+        tracking.end_run(run, "FINISHED")
+    except BaseException:
+        step_result.status = "failed"
+        tracking.end_run(run, "FAILED")
+        raise
+
+
+def _record_failure_report(tracking, run, exc: Exception) -> None:
     """Errors that carry a report (validation) leave it on the failed step's run."""
     if getattr(exc, "report", None) is not None:
-        tracking.record(run_id, exc.report)
-        where = tracking.artifact_uri(run_id)
+        tracking.record(run, exc.report)
+        where = tracking.artifact_uri(run).result()
         exc.add_note(f"full report: {where}/" + ", ".join(exc.report.artifacts))
 
 

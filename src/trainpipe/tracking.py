@@ -13,8 +13,6 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 import trainpipe
 from trainpipe.config import tracking_uri
-from trainpipe.errors import Interrupted
 from trainpipe.redaction import redact_text, redact_uri
 from trainpipe.steps import Report
 
@@ -50,10 +47,16 @@ def quiet_mlflow() -> None:
 
 
 class Tracking:
-    def __init__(self, cfg: DictConfig):
+    """The pipeline's runs in an MLflow store: a parent run per pipeline run, a child run per
+    step that runs. Runs are made and ended with the client alone (no fluent active run), so
+    a tracker process can hold several at once and end them whatever happens."""
+
+    def __init__(self, cfg: DictConfig, pid: int | None = None):
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         self.experiment = str(cfg.tracking.experiment)
+        self.pid = pid or os.getpid()  # the pipeline's process (a tracker runs beside it)
+        self._open: list[str] = []  # runs started here and not ended yet
         from trainpipe.supervise import check_tracking_server
 
         check_tracking_server(self.uri)  # fail fast (not after MLflow's minutes of retries)
@@ -66,9 +69,7 @@ class Tracking:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
 
-    @contextmanager
-    def pipeline_run(self, cfg: DictConfig, overrides: list[str],
-                     steps: list[str]) -> Iterator[str]:
+    def start_pipeline(self, cfg: DictConfig, overrides: list[str], steps: list[str]) -> str:
         """The parent run; under `mlflow run` it is the run MLflow already created."""
         resume = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`
         if resume:
@@ -80,45 +81,48 @@ class Tracking:
                 "trainpipe.dataset": cfg.dataset.name, "trainpipe.model": cfg.model.name,
                 "trainpipe.steps": ",".join(steps),
                 "trainpipe.overrides": " ".join(redact_text(o) for o in overrides)}
-        tags |= _source_tags() | _git_tags() | _process_tags()
-        with self._ended_run(f"{cfg.dataset.name}-{cfg.model.name}", tags, resume) as run_id:
-            params = flat_params(cfg)
-            for i in range(0, len(params), BATCH):
-                self.client.log_batch(run_id, params=[Param(k, v) for k, v in params[i:i + BATCH]])
-            self._log_files(run_id, {
-                "config.yaml": OmegaConf.to_yaml(redact_config(cfg)).encode(),
-                "environment.json": json.dumps(_environment(), indent=2).encode()})
-            yield run_id
+        tags |= _source_tags() | _git_tags() | self._process_tags()
+        run_id = self._start(f"{cfg.dataset.name}-{cfg.model.name}", tags, resume)
+        params = flat_params(cfg)
+        for i in range(0, len(params), BATCH):
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params[i:i + BATCH]])
+        self._log_files(run_id, {
+            "config.yaml": OmegaConf.to_yaml(redact_config(cfg)).encode(),
+            "environment.json": json.dumps(_environment(), indent=2).encode()})
+        return run_id
 
-    @contextmanager
-    def step_run(self, name: str, fingerprint: str) -> Iterator[str]:
-        tags = {"trainpipe.step": name, "trainpipe.fingerprint": fingerprint, **_process_tags()}
-        tags["mlflow.parentRunId"] = mlflow.active_run().info.run_id
-        with self._ended_run(name, tags | _source_tags()) as run_id:
-            yield run_id
+    def start_step(self, name: str, fingerprint: str, parent: str) -> str:
+        tags = {"trainpipe.step": name, "trainpipe.fingerprint": fingerprint,
+                "mlflow.parentRunId": parent, **self._process_tags(), **_source_tags()}
+        return self._start(name, tags)
 
-    @contextmanager
-    def _ended_run(self, name: str, tags: dict[str, str],
-                   resume: str | None = None) -> Iterator[str]:
-        """Start (or resume) a run and end it FINISHED, FAILED or KILLED, whatever happens.
-        Runs are created with trainpipe's own source tags: MLflow's fluent start_run would
-        also probe the git repository through GitPython (about 0.4 s)."""
+    def end_run(self, run_id: str, status: str) -> None:
+        """FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status)
+        if run_id in self._open:
+            self._open.remove(run_id)
+
+    def end_open_runs(self, status: str) -> None:
+        """End every run started here that is still open, newest first (steps, then the
+        parent): after an interruption, or when the pipeline's process is gone."""
+        for run_id in reversed(list(self._open)):
+            self.end_run(run_id, status)
+
+    def _start(self, name: str, tags: dict[str, str], resume: str | None = None) -> str:
+        """Runs are created with trainpipe's own source tags: MLflow's fluent start_run
+        would also probe the git repository through GitPython (about 0.4 s)."""
         if resume:
             run_id = resume
             self.set_tags(run_id, tags)
+            self.client.update_run(run_id, status="RUNNING")
         else:
             run_id = self.client.create_run(self.experiment_id, run_name=name,
                                             tags=tags).info.run_id
-        mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
-        try:
-            yield run_id
-        except (KeyboardInterrupt, Interrupted):
-            mlflow.end_run("KILLED")
-            raise
-        except BaseException:
-            mlflow.end_run("FAILED")
-            raise
-        mlflow.end_run("FINISHED")
+        self._open.append(run_id)
+        return run_id
+
+    def _process_tags(self) -> dict[str, str]:
+        return {"trainpipe.host": socket.gethostname(), "trainpipe.pid": str(self.pid)}
 
     def _end_stale_runs(self) -> None:
         """Runs left RUNNING by a trainpipe process of this machine that is gone (killed,
@@ -133,7 +137,7 @@ class Tracking:
             max_results=1000)
         for run in stale:
             pid = int(run.data.tags.get("trainpipe.pid", "0"))
-            if pid and pid != os.getpid() and not _alive(pid):
+            if pid and pid != self.pid and not _alive(pid):
                 self.client.set_terminated(run.info.run_id, "KILLED")
 
     def record(self, run_id: str, report: Report) -> None:
@@ -160,8 +164,9 @@ class Tracking:
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0, model_id=model_id)
                                                for k, v in metrics.items()])
 
-    def log_sources(self, run_id: str, cfg: DictConfig, sources: dict) -> None:
-        """The input data as MLflow dataset inputs: name, digest, source, size."""
+    def log_sources(self, run_id: str, cfg: DictConfig, sources: dict[str, dict]) -> None:
+        """The input data as MLflow dataset inputs: name, digest, source, size. `sources`:
+        role -> {url, digest, bytes, format} (lake.Source.describe())."""
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -169,7 +174,7 @@ class Tracking:
 
         inputs = []
         for role, source in sources.items():
-            url = redact_uri(absolute(source.url))
+            url = redact_uri(absolute(source["url"]))
             try:
                 with warnings.catch_warnings():  # "can be interpreted in multiple ways"
                     warnings.simplefilter("ignore")
@@ -177,9 +182,9 @@ class Tracking:
                 source_type, source_json = resolved._get_source_type(), resolved.to_json()
             except Exception:  # noqa: BLE001 - a URL scheme MLflow has no source type for
                 source_type, source_json = "url", json.dumps({"url": url})
-            profile = {"sha256": source.digest, "bytes": len(source.data),
-                       "format": source.format}
-            dataset = Dataset(cfg.dataset.name, source.digest[:32], source_type, source_json,
+            profile = {"sha256": source["digest"], "bytes": source["bytes"],
+                       "format": source["format"]}
+            dataset = Dataset(cfg.dataset.name, source["digest"][:32], source_type, source_json,
                               None, json.dumps(profile))
             context = "training" if role == "train" else "scoring"
             inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
@@ -191,10 +196,10 @@ class Tracking:
             time.sleep(0.2)
             self.client.log_inputs(run_id, datasets=inputs)
 
-    def log_model(self, model, example) -> str:
-        """Log the inference pipeline to the active (train) run; return its model URI. It is
-        named after the dataset and the model (`hotel_bookings-lightgbm`) and carries the
-        estimator's parameters."""
+    def log_model(self, run_id: str, model, example) -> str:
+        """Log the inference pipeline as an output of a (train) run; return its model URI.
+        It is named after the dataset and the model (`hotel_bookings-lightgbm`) and carries
+        the estimator's parameters."""
         import mlflow.sklearn
         from mlflow.models import infer_signature
 
@@ -206,6 +211,7 @@ class Tracking:
         params = OmegaConf.to_container(self.cfg.model.get("params") or {}, resolve=True)
         info = mlflow.sklearn.log_model(
             model,
+            run_id=run_id,
             name=f"{self.cfg.dataset.name}-{self.cfg.model.name}",
             params={k: _param_value(v) for k, v in params.items()},
             tags={"trainpipe.dataset": self.cfg.dataset.name,
@@ -231,11 +237,10 @@ class Tracking:
 
 
 def warm_up() -> threading.Thread:
-    """Load, in a background thread, what logging the model and plots will need. The
-    work overlaps the steps (the forest fit leaves the interpreter idle), never adds to them."""
+    """Load, in a background thread, what logging the model will need, while the store
+    opens and the pipeline's first steps run."""
 
     def work() -> None:
-        import matplotlib.backends.backend_agg  # noqa: F401
         import mlflow.sklearn  # noqa: F401
 
         try:  # MLflow maps modules to packages (reads every installed dist) to check reqs
@@ -306,10 +311,6 @@ def _source_tags() -> dict[str, str]:
         user = "unknown"
     return {"mlflow.user": user, "mlflow.source.type": "LOCAL",
             "mlflow.source.name": os.path.basename(sys.argv[0]) or "trainpipe"}
-
-
-def _process_tags() -> dict[str, str]:
-    return {"trainpipe.host": socket.gethostname(), "trainpipe.pid": str(os.getpid())}
 
 
 def _alive(pid: int) -> bool:

@@ -35,10 +35,21 @@ def run(cfg: DictConfig, model, features: dict[str, pd.DataFrame]) -> tuple[dict
     summary = f"{headline} {metrics[headline]:.4f}"
     tags = {}
     if task == "binary":
-        summary += f" (positive class {positive!r})"
+        summary += f" (positive class {_plain(positive)!r})"
         tags["trainpipe.positive_class"] = str(positive)
     return {"metrics": metrics}, Report(summary=summary, metrics=metrics, artifacts=artifacts,
                                         tags=tags)
+
+
+def warm_up() -> None:
+    """Import the plotting backend in the background while earlier steps run (the fit
+    leaves the interpreter idle)."""
+    import threading
+
+    def work() -> None:
+        import matplotlib.backends.backend_agg  # noqa: F401
+
+    threading.Thread(target=work, name="trainpipe-warm-up", daemon=True).start()
 
 
 def positive_class(dataset: DictConfig, classes) -> object:
