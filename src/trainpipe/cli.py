@@ -98,19 +98,50 @@ def inspect(overrides: Overrides = None, config_dir: ConfigDir = None,
 def clean(overrides: Overrides = None, config_dir: ConfigDir = None,
           step_name: Annotated[str | None, typer.Option("--step", help="Only this step's "
                                                         "outputs.")] = None,
-          keep: Annotated[int, typer.Option(help="Newest outputs to keep per step.")] = 1,
+          keep: Annotated[int, typer.Option(help="Newest outputs to keep per step, besides "
+                                            "those a kept config needs.")] = 1,
+          keep_config: Annotated[list[str] | None, typer.Option(
+              "--keep-config", help="Overrides of another config whose outputs to keep too, "
+              "e.g. \"model=lightgbm seed=3\" (repeatable).")] = None,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be "
+                                                "removed; remove nothing.")] = False,
+          models: Annotated[bool, typer.Option("--models", help="Also delete the MLflow "
+                                               "models (and their artifacts) of the train "
+                                               "outputs removed.")] = False,
           verbose: Verbose = False) -> None:
-    """Remove published outputs (never raw data), keeping the newest --keep per step."""
+    """Remove published outputs (never raw data) that this config and each --keep-config
+    do not need, keeping the newest --keep per step as well."""
     from trainpipe import config, housekeeping
 
     try:
         cfg = config.compose(overrides or [], config_dir)
-        removed = housekeeping.clean(cfg, step_name, keep)
+        kept = [_keep_config(value, config_dir) for value in keep_config or []]
+        result = housekeeping.clean(cfg, step_name, keep, tuple(kept), dry_run, models)
     except TrainpipeError as exc:
         _fail(exc, verbose)
-    for url in removed:
-        out.print(f"removed {redact_text(url)}", highlight=False)
-    out.print(f"{len(removed)} output(s) removed")
+    removed, deleted = ("would remove", "would delete") if dry_run else ("removed", "deleted")
+    for url in result.removed:
+        out.print(f"{removed} {redact_text(url)}", highlight=False, soft_wrap=True)
+    for model in result.models:
+        out.print(f"{deleted} model {redact_text(model)}", highlight=False, soft_wrap=True)
+    for note in result.models_left:
+        out.print(f"left model {redact_text(note)}", highlight=False, soft_wrap=True)
+    done = "would be removed" if dry_run else "removed"
+    summary = f"{len(result.removed)} output(s) {done}"
+    if models:
+        summary += f", {len(result.models)} model(s) {done.replace('removed', 'deleted')}"
+    whose = "this config or a --keep-config needs" if kept else "this config needs"
+    out.print(f"{'dry run: ' if dry_run else ''}{summary}; kept the {result.needed} output(s) "
+              f"{whose}", highlight=False, soft_wrap=True)
+
+
+def _keep_config(value: str, config_dir: str | None):
+    from trainpipe import config
+
+    try:
+        return config.compose(config.split_overrides([value]), config_dir)
+    except TrainpipeError as exc:
+        raise type(exc)(f"--keep-config {value!r}: {exc}") from None
 
 
 @data_app.command("demo")

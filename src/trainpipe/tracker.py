@@ -223,7 +223,8 @@ def serve(fd: int, owner: int) -> None:
                     conn.send_bytes(pickle.dumps((call, None, None)))
                     return
                 else:
-                    value = getattr(current, method)(*args, **kwargs)
+                    with tracking.store_errors(current.uri):  # a full disk, in words
+                        value = getattr(current, method)(*args, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - sent back to be raised there
                 error = exc
             results[call] = value

@@ -4,15 +4,21 @@ Runs always end in a true state: FINISHED on success, FAILED on an error, KILLED
 Ctrl-C or SIGTERM. Everything written here passes through redaction first.
 """
 
+import errno
+import fcntl
+import functools
 import json
 import os
 import platform
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager, suppress
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import trainpipe
 from trainpipe.config import tracking_uri
+from trainpipe.errors import TrainpipeError
 from trainpipe.redaction import redact_text, redact_uri
 from trainpipe.steps import Report
 
@@ -67,7 +74,13 @@ class Tracking:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        create_sqlite_stores_atomically()
+
+    @functools.cached_property
+    def client(self) -> MlflowClient:
+        """Made on first use: MlflowClient opens the store (creating it the first time), and a
+        run that fails before any work leaves no new store behind."""
+        return MlflowClient(self.uri)
 
     def start_pipeline(self, cfg: DictConfig, overrides: list[str], steps: list[str]) -> str:
         """The parent run; under `mlflow run` it is the run MLflow already created."""
@@ -104,9 +117,15 @@ class Tracking:
 
     def end_open_runs(self, status: str) -> None:
         """End every run started here that is still open, newest first (steps, then the
-        parent): after an interruption, or when the pipeline's process is gone."""
+        parent): after a failure, an interruption, or when the pipeline's process is gone.
+        A run that cannot be ended (the disk under the store is full) stays RUNNING until
+        the next run, which marks it KILLED; the error that stopped the run is the one told."""
         for run_id in reversed(list(self._open)):
-            self.end_run(run_id, status)
+            if status == "FINISHED":
+                self.end_run(run_id, status)
+            else:
+                with suppress(Exception):
+                    self.end_run(run_id, status)
 
     def _start(self, name: str, tags: dict[str, str], resume: str | None = None) -> str:
         """Runs are created with trainpipe's own source tags: MLflow's fluent start_run
@@ -337,3 +356,167 @@ def _git_tags() -> dict[str, str]:
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     return {"mlflow.source.git.commit": commit, "trainpipe.git_commit": commit,
             "trainpipe.git_dirty": str(dirty).lower()}
+
+
+# The embedded store: an SQLite file made whole or not at all, and its failures in words.
+
+
+class StoreError(TrainpipeError):
+    """The embedded store cannot be opened as it is: half made, or not a store at all."""
+
+    exit_code = 2
+
+
+class NoSpace(TrainpipeError):
+    """The disk under the store (or under another file the run writes) is full."""
+
+    exit_code = 1
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of an SQLite store URI; None for other stores and in-memory databases."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return Path(database).absolute()
+
+
+_mlflow_sqlite_builder: Callable[..., Any] | None = None
+
+
+def create_sqlite_stores_atomically() -> None:
+    """Route every opening of an SQLite store in this process (MlflowClient, the fluent
+    API, log_model) through `create_sqlite_store`, whichever comes first."""
+    from mlflow.tracking._tracking_service import utils
+
+    global _mlflow_sqlite_builder
+    if _mlflow_sqlite_builder is None:
+        _mlflow_sqlite_builder = utils._tracking_store_registry.get_store_builder("sqlite:///")
+        utils._tracking_store_registry.register("sqlite", _open_sqlite_store)
+
+
+def _open_sqlite_store(store_uri: str, artifact_uri: str | None = None):
+    path = sqlite_path(store_uri)
+    if path is None:
+        return _mlflow_sqlite_builder(store_uri=store_uri, artifact_uri=artifact_uri)
+    with store_errors(store_uri):
+        create_sqlite_store(path, lambda uri: _mlflow_sqlite_builder(store_uri=uri,
+                                                                    artifact_uri=artifact_uri))
+        try:
+            return _mlflow_sqlite_builder(store_uri=store_uri, artifact_uri=artifact_uri)
+        except Exception as exc:
+            problem = _store_problem(path, exc)
+            if problem is None:
+                raise
+            raise StoreError(problem) from None
+
+
+def create_sqlite_store(path: Path, build: Callable[[str], Any]) -> None:
+    """Make the store at `path` whole or not at all. MLflow's migrations (seconds) run on
+    a temporary file, under a lock on the folder, then the file is linked into place. A
+    process killed meanwhile leaves only its temporary file, which the next creator removes;
+    processes starting at once wait for the first one, then open its store."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_locked(path.parent) as folder:
+        if path.exists():
+            return  # made by the process we waited for
+        for stale in path.parent.glob(f".{path.name}.creating-*"):
+            stale.unlink(missing_ok=True)  # its creator died: creators hold this lock
+        tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
+        tmp_uri = f"sqlite:///{tmp}"
+        try:
+            build(tmp_uri)
+            _dispose_engine(tmp_uri)
+            with suppress(FileExistsError):  # never replace a store another program made
+                os.link(tmp, path)
+            os.fsync(folder)  # the store's name survives a power cut
+        finally:
+            _dispose_engine(tmp_uri)
+            for leftover in path.parent.glob(f"{tmp.name}*"):  # the file and any journal
+                leftover.unlink(missing_ok=True)
+
+
+@contextmanager
+def _folder_locked(folder: Path) -> Iterator[int]:
+    """An exclusive lock on `folder` across processes; a dead process holds it no longer."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _dispose_engine(uri: str) -> None:
+    """Close MLflow's cached connections to a database (the temporary one, once made)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)
+    if engine is not None:
+        engine.dispose()
+
+
+def _store_problem(path: Path, exc: Exception) -> str | None:
+    """Why the file at `path` is not a store this MLflow can open, and what to do; None
+    when it is a complete store (the error lies elsewhere)."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    try:
+        with closing(sqlite3.connect(path.as_uri() + "?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            revision = (db.execute("SELECT version_num FROM alembic_version").fetchone()
+                        if "alembic_version" in tables else None)
+            runs = db.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+    except sqlite3.DatabaseError as error:
+        return (f"{path} is not an MLflow store ({error}); check tracking.uri: it names an "
+                "SQLite file")
+    head = _get_latest_schema_revision()
+    found = revision[0] if revision else None
+    if found == head:
+        return None
+    said = " ".join(str(exc).split())[:200]
+    what = (f"{path} is not a complete MLflow store (schema revision {found or 'none'}, "
+            f"MLflow {mlflow.__version__} needs {head}): its creation or an upgrade was "
+            f"interrupted, or a program made it half (MLflow says: {said}).")
+    if runs == 0:
+        return f"{what} It holds no runs: delete it and run again: rm {path}"
+    return (f"{what} It holds {runs} run(s): keep a copy of it, then try `mlflow db upgrade "
+            f"sqlite:///{path}`, or move it aside to start a new store.")
+
+
+@contextmanager
+def store_errors(uri: str) -> Iterator[None]:
+    """A full disk (or quota) under the store or another file of the run is named as such,
+    instead of SQLAlchemy's remarks and a chain of tracebacks."""
+    try:
+        yield
+    except TrainpipeError:
+        raise
+    except Exception as exc:
+        full = _full_disk(exc, uri)
+        if full is None:
+            raise
+        reason, where = full
+        raise NoSpace(f"{reason}: {where}; free space there (`trainpipe clean --models` removes "
+                      "old outputs and their models), then run again: the steps that finished "
+                      "are reused, and runs left RUNNING are marked KILLED") from None
+
+
+def _full_disk(exc: BaseException, uri: str) -> tuple[str, str] | None:
+    """(reason, path) when a full disk or quota is among the causes of `exc`. The file whose
+    write failed is preferred to the database that then could not record the failure."""
+    found = None
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return os.strerror(exc.errno).lower(), str(exc.filename2 or exc.filename or "?")
+        if found is None and "database or disk is full" in str(exc):
+            found = (os.strerror(errno.ENOSPC).lower(), str(sqlite_path(uri) or redact_uri(uri)))
+        exc = exc.__cause__ or exc.__context__
+    return found
