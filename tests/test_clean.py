@@ -41,8 +41,9 @@ def forest_reused_after_lightgbm(demo_lake):
     forest = published(folder, "models", "train")
     assert invoke(folder, "run", *LGBM).exit_code == 0
     lightgbm = published(folder, "models", "train") - forest
-    assert invoke(folder, "run", *FAST).exit_code == 0
-    assert ran(folder) == []
+    result = invoke(folder, "run", *FAST)
+    assert result.exit_code == 0
+    assert ran(folder, result) == []
     return folder, forest.pop(), lightgbm.pop()
 
 
@@ -58,8 +59,9 @@ def test_clean_never_removes_what_the_current_config_needs(forest_reused_after_l
     assert f"removed {folder}/lake/models/hotel_bookings/train/{lightgbm}" in result.stdout
     assert "2 output(s) removed; kept the 5 output(s) this config needs" in result.stdout
     assert published(folder, "models", "train") == {forest}
-    assert invoke(folder, "run", *FAST).exit_code == 0
-    assert ran(folder) == []  # nothing the forest needs was removed
+    result = invoke(folder, "run", *FAST)
+    assert result.exit_code == 0
+    assert ran(folder, result) == []  # nothing the forest needs was removed
 
 
 def test_keep_config_protects_another_config_and_dry_run_removes_nothing(
@@ -78,8 +80,9 @@ def test_keep_config_protects_another_config_and_dry_run_removes_nothing(
     assert ("0 output(s) removed; kept the 7 output(s) this config or a --keep-config needs"
             in result.stdout)  # 3 data outputs are shared by both
     assert lake_files(folder) == before
-    assert invoke(folder, "run", *LGBM).exit_code == 0
-    assert ran(folder) == []
+    result = invoke(folder, "run", *LGBM)
+    assert result.exit_code == 0
+    assert ran(folder, result) == []
 
 
 def test_clean_models_deletes_the_models_of_removed_train_outputs(forest_reused_after_lightgbm):

@@ -13,11 +13,12 @@ import pytest
 
 from tests.conftest import FAST, runs, trainpipe
 
-# Runs trainpipe (or, with "mlflow" as first argument, bare MLflow) with one change: in the
-# middle of the store's migrations, as the table MLflow's own error names is created, the
-# process says so in a marker file and waits to be stopped.
+# trainpipe (or, with "mlflow" as first argument, bare MLflow) with one change, in every
+# process it starts (the store is made by its tracker process): in the middle of the store's
+# migrations, as the table MLflow's own error names is created, the process says so in a
+# marker file and waits to be stopped.
 PAUSE_IN_MIGRATIONS = """
-import re, sys, time
+import re, time
 from pathlib import Path
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -27,21 +28,20 @@ def pause(conn, cursor, statement, *args):
     if re.match(r"\\s*CREATE TABLE evaluation_datasets", statement):
         Path("migrating").touch()
         time.sleep(3600)
-
-if sys.argv[1] == "mlflow":
-    from mlflow import MlflowClient
-    MlflowClient("sqlite:///mlflow.db")
-else:
-    from trainpipe.cli import main
-    sys.argv[0] = "trainpipe"
-    main()
 """
 
 
 def start_paused_in_migrations(folder: Path, *args: str) -> subprocess.Popen:
+    hook = folder.parent / f"{folder.name}-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(PAUSE_IN_MIGRATIONS)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_MIGRATIONS, *args], cwd=folder,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    cmd = (["-c", "from mlflow import MlflowClient; MlflowClient('sqlite:///mlflow.db')"]
+           if args[0] == "mlflow" else ["-m", "trainpipe", *args])
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=folder, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
     deadline = time.monotonic() + 120
     while not (folder / "migrating").exists():
         assert proc.poll() is None, f"ended before the migrations: {proc.stderr.read()}"
@@ -60,7 +60,10 @@ def test_a_run_stopped_while_it_creates_the_store_leaves_no_half_store(demo_lake
     folder = demo_lake
     proc = start_paused_in_migrations(folder, "run", "--to", "validate")
     assert not (folder / "mlflow.db").exists()  # the store appears whole or not at all
-    proc.send_signal(sig)
+    if sig == signal.SIGKILL:  # the pipeline and its tracker die together (a lost machine)
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
@@ -116,7 +119,7 @@ def test_a_store_with_runs_is_never_called_deletable(demo_lake):
     with sqlite3.connect(folder / "mlflow.db") as db:  # as if an upgrade stopped half way
         db.execute("UPDATE alembic_version SET version_num = 'c48cb773bb87'")
         db.execute("DROP TABLE evaluation_datasets")
-    result = trainpipe("run", "--to", "validate", cwd=folder)
+    result = trainpipe("run", "--to", "validate", "--force", cwd=folder)  # opens the store
     assert result.returncode == 2
     assert "It holds 3 run(s): keep a copy of it, then try `mlflow db upgrade" in result.stderr
     assert "rm " not in result.stderr

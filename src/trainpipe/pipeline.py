@@ -329,10 +329,14 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
     except (KeyboardInterrupt, Interrupted):
         status = "KILLED"
         raise
-    finally:
-        timeout = WAIT_AFTER_INTERRUPT if status == "KILLED" else None
-        publisher.stop(timeout)
-        _finish(tracker, tracking, parent, status, result, timeout)
+    finally:  # interrupted: everything below within WAIT_AFTER_INTERRUPT, whatever hangs
+        deadline = time.monotonic() + WAIT_AFTER_INTERRUPT if status == "KILLED" else None
+        publisher.stop(_left(deadline))
+        _finish(tracker, tracking, parent, status, result, _left(deadline))
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class Publisher:

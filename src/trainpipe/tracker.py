@@ -38,6 +38,12 @@ from trainpipe.errors import TrainpipeError
 # How long this process waits for the tracker to finish what it was given, after an
 # interruption (marking runs KILLED on a server that no longer answers must not hang us).
 WAIT_AFTER_INTERRUPT = 15.0
+STOP = signal.SIGUSR1  # "stop now": the tracker ignores SIGINT/SIGTERM, meant for the group
+STOP_GRACE = 5.0  # seconds it has to unwind before it is killed
+
+
+class Stopped(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+    """The pipeline's process told the tracker to stop."""
 
 
 class TrackerLost(TrainpipeError):
@@ -146,9 +152,15 @@ class Tracker:
             self.discard()
 
     def discard(self) -> None:
-        """End the tracker now, whatever it is doing (nothing was asked of it, or it hangs)."""
+        """End the tracker now, whatever it is doing (nothing was asked of it, or it hangs):
+        asked first (it unwinds, so a store it was creating leaves no temporary file), then
+        killed."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.send_signal(STOP)
+            try:
+                self.proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         self.proc.wait()
         self.conn.close()
         self.log.close()
@@ -196,6 +208,11 @@ def serve(fd: int, owner: int) -> None:
     """The tracker's loop: run each call on its Tracking, send back what it returned."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+
+    def stop(signum, frame):
+        raise Stopped
+
+    signal.signal(STOP, stop)
     conn = Connection(fd)
     from trainpipe import tracking  # imports MLflow: the reason this process exists
 
@@ -225,6 +242,8 @@ def serve(fd: int, owner: int) -> None:
                 else:
                     with tracking.store_errors(current.uri):  # a full disk, in words
                         value = getattr(current, method)(*args, **kwargs)
+            except Stopped:
+                raise
             except BaseException as exc:  # noqa: BLE001 - sent back to be raised there
                 error = exc
             results[call] = value
@@ -248,6 +267,10 @@ def _dumps(call: int, value: Any, error: BaseException | None) -> bytes:
 
 
 if __name__ == "__main__":
+    from trainpipe.tracker import Stopped as StoppedHere
     from trainpipe.tracker import serve as serve_here  # not __main__'s copy: Ref must match
 
-    serve_here(int(sys.argv[1]), int(sys.argv[2]))
+    try:
+        serve_here(int(sys.argv[1]), int(sys.argv[2]))
+    except StoppedHere:
+        sys.exit(1)
