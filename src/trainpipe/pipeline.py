@@ -32,11 +32,13 @@ class Step:
 
 
 DATASET = ("dataset.target", "dataset.task")
+# How the source spells missing values and booleans.
+SPELLINGS = ("dataset.na_values", "dataset.true_values", "dataset.false_values")
 STEPS = (
     Step("ingest", ingest, ("sources",), ("raw", "raw_scoring"), ()),
     Step("validate", validate, ("raw", "raw_scoring"), ("validated", "scoring"),
          ("dataset.name", "dataset.columns", "dataset.id_column", "dataset.strict", "validate",
-          *DATASET)),
+          *SPELLINGS, *DATASET)),
     Step("split", split, ("validated",), ("splits",), ("seed", "split", *DATASET)),
     Step("features", features, ("splits",), ("transformer", "features"),
          ("dataset.columns", "dataset.derived", "dataset.id_column", "model.preprocessing",

@@ -1,0 +1,160 @@
+"""The data is what the file says: each column is read as its contract type (never
+guessed)."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import compose
+from tests.test_steps import run_through
+from trainpipe import coerce
+from trainpipe.pipeline import fingerprints
+from trainpipe.steps import ingest
+
+PEOPLE_YAML = """\
+name: people
+source: {source}
+task: binary
+target: label
+id_column: id
+na_values: ['', 'N/A']
+true_values: ['yes', 'y', 'true']
+false_values: ['no', 'n', 'false']
+columns:
+  id:     {{type: int, min: 0}}
+  region: {{type: str, values: ['NA', 'EU', 'AS']}}
+  code:   {{type: str}}
+  member: {{type: bool}}
+  joined: {{type: datetime, format: '%d/%m/%Y', nullable: true}}
+  score:  {{type: float, nullable: true}}
+  visits: {{type: int, nullable: true}}
+  label:  {{type: int, values: [0, 1]}}
+"""
+PEOPLE_CSV = """\
+id,region,code,member,joined,score,visits,label
+0,NA,01001,yes,31/01/2024,1.5,3,0
+1,EU,02002,No,01/02/2024,N/A,,1
+2,AS,00003,Y,13/12/2023,,4.0,0
+3,NA,1e5,FALSE,,2,5,1
+"""
+
+
+def people(folder: Path, csv: str = PEOPLE_CSV, yaml: str = PEOPLE_YAML) -> Path:
+    conf = folder / "conf" / "dataset"
+    conf.mkdir(parents=True, exist_ok=True)
+    (folder / "people.csv").write_text(csv)
+    (conf / "people.yaml").write_text(yaml.format(source=folder / "people.csv"))
+    return folder / "conf"
+
+
+def validated(conf: Path, *overrides: str) -> pd.DataFrame:
+    cfg = compose("dataset=people", "validate.target_classes=false", *overrides,
+                  config_dir=conf)
+    return run_through(cfg, "validate")[0]["validated"]
+
+
+def test_each_column_is_read_as_its_contract_type(tmp_path):
+    df = validated(people(tmp_path))
+    assert df["region"].tolist() == ["NA", "EU", "AS", "NA"]  # Namibia, not a missing value
+    assert df["code"].tolist() == ["01001", "02002", "00003", "1e5"]  # codes stay text
+    assert df["member"].dtype == bool and df["member"].tolist() == [True, False, True, False]
+    assert df["joined"].tolist()[:3] == [pd.Timestamp("2024-01-31"), pd.Timestamp("2024-02-01"),
+                                         pd.Timestamp("2023-12-13")]  # day first, as the format
+    assert pd.isna(df["joined"][3])
+    assert df["score"].tolist()[0] == 1.5 and df["score"][1:3].isna().all()  # N/A declared
+    assert df["visits"].dtype == "float64" and df["visits"][[0, 2, 3]].tolist() == [3, 4, 5]
+    assert df["id"].dtype == "int64"
+
+
+def test_only_declared_spellings_are_missing(tmp_path):
+    conf = people(tmp_path, yaml=PEOPLE_YAML.replace("na_values: ['', 'N/A']\n", ""))
+    cfg = compose("dataset=people", "validate.target_classes=false", config_dir=conf)
+    with pytest.raises(Exception, match=r"score · values of the wrong type \(float\); if 'N/A' "
+                       r"means missing, list it in dataset\.na_values · 1 row · e\.g\. row 1"):
+        run_through(cfg, "validate")
+
+
+def test_parquet_columns_keep_their_types_and_get_the_same_checks(tmp_path):
+    frame = pd.DataFrame({
+        "id": np.arange(4), "region": ["NA", "EU", "AS", "NA"],
+        "code": ["01001", "02002", "00003", "4"], "member": [True, False, True, False],
+        "joined": pd.to_datetime(["2024-01-31", "2024-02-01", None, "2023-12-13"]),
+        "score": [1.5, np.nan, 2.0, 3.0], "visits": [3.0, np.nan, 4.0, 5.0],
+        "label": np.array([0, 1, 0, 1], dtype="uint8")})
+    frame.to_parquet(tmp_path / "people.parquet")
+    conf = people(tmp_path)
+    df = validated(conf, f"dataset.source={tmp_path / 'people.parquet'}")
+    assert df["member"].tolist() == [True, False, True, False]
+    assert df["label"].dtype == "int64" and df["joined"].dtype == "datetime64[ns]"
+    frame.assign(visits=[3.5, np.nan, 4.0, 5.0]).to_parquet(tmp_path / "bad.parquet")
+    cfg = compose("dataset=people", "validate.target_classes=false",
+                  f"dataset.source={tmp_path / 'bad.parquet'}", config_dir=conf)
+    with pytest.raises(Exception, match=r"visits · values are not whole numbers \(type: int\) "
+                       r"· 1 row · e\.g\. row 0: 3\.5"):
+        run_through(cfg, "validate")
+
+
+@pytest.mark.parametrize("text,kind,value,cause", [
+    ("12", "int", 12, None), (" 12 ", "int", 12, None), ("+12", "int", 12, None),
+    ("12.0", "int", 12, None), ("1e3", "int", 1000, None), ("9223372036854775807", "int",
+                                                            2**63 - 1, None),
+    ("-9223372036854775808", "int", -(2**63), None), ("9223372036854775808", "int", None,
+                                                      coerce.INT64),
+    ("1e30", "int", None, coerce.INT64), ("12.5", "int", None, coerce.WHOLE),
+    ("0x10", "int", None, coerce.TYPE), ("1_000", "int", None, coerce.TYPE),
+    ("nan", "int", None, coerce.TYPE), ("inf", "int", None, coerce.TYPE),
+    ("inf", "float", np.inf, None), ("nan", "float", None, coerce.TYPE),
+    ("1,5", "float", None, coerce.TYPE), (".5", "float", 0.5, None),
+    ("YES", "bool", True, None), ("0", "bool", False, None), ("Flase", "bool", None, coerce.TYPE),
+    ("2024-01-31T10:00:00", "datetime", pd.Timestamp("2024-01-31 10:00"), None),
+    ("31/01/2024", "datetime", None, coerce.TYPE),
+])
+def test_parse_reads_text_by_the_grammar_of_its_type(text, kind, value, cause):
+    typed, missing, failed = coerce.parse(pd.Series([text, "1"], dtype="str"), kind)
+    assert not missing.any()
+    assert [c for c, mask in failed.items() if mask[0]] == ([cause] if cause else [])
+    if cause is None:
+        assert typed[0] == value
+    else:
+        assert pd.isna(typed[0])
+
+
+def test_a_big_int_keeps_every_digit_beside_a_missing_value():
+    typed, _, failed = coerce.parse(pd.Series(["9007199254740993", "12"], dtype="str"), "int",
+                                    nullable=False)
+    assert not failed and typed.dtype == "int64" and typed[0] == 9007199254740993
+
+
+def test_reading_and_validating_warns_nothing(tmp_path):
+    """pandas' DtypeWarning (a column's type changing between its low-memory chunks) and
+    pandera's date-parsing UserWarnings used to reach the terminal in normal use."""
+    rows = 300_000
+    codes = np.arange(rows).astype(object)
+    codes[-5:] = "A1"  # a code column that looks numeric for its first chunks
+    frame = pd.DataFrame({"id": np.arange(rows), "region": "EU", "code": codes,
+                          "member": "true", "joined": "2024-01-13", "score": 1.5, "visits": 2,
+                          "label": np.arange(rows) % 2})
+    plain = "\n".join(line for line in PEOPLE_YAML.splitlines()
+                      if not line.startswith(("na_values", "true_values", "false_values")))
+    conf = people(tmp_path, yaml=plain.replace(", format: '%d/%m/%Y'", ""))
+    frame.to_csv(tmp_path / "people.csv", index=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = validated(conf)
+    assert len(df) == rows and df["code"].iloc[-1] == "A1"
+    assert [str(w.message) for w in caught] == []
+
+
+def test_validate_reads_the_spellings_in_its_fingerprint(tmp_path):
+    """Declaring another missing-value spelling changes what validate and the model read."""
+    conf = people(tmp_path)
+    cfg = compose("dataset=people", config_dir=conf)
+    sources = ingest.read_sources(cfg)
+    before = fingerprints(cfg, sources)
+    cfg.dataset.na_values = ["", "N/A", "-"]
+    after = fingerprints(cfg, sources)
+    assert [s for s in before if before[s] != after[s]] == [
+        "validate", "split", "features", "train", "evaluate"]
