@@ -287,6 +287,23 @@ CASES = [
           "numbers as numbers (01001 as the octal 513); quote each value"]),
     Case("yaml_target_is_the_id", dataset_yaml(("id_column: id", "id_column: booking_status")),
          2, ["dataset.id_column 'booking_status' is the target"]),
+    Case("class_of_one_row", csv(lambda df: df.assign(
+        booking_status=(df.index == 3).astype(int))), 3,
+         ["booking_status · class 1 has 1 row; split.val_size=0.15 and split.test_size=0.15 "
+          "need at least 7 rows of each class (one in each of train, val and test)"]),
+    Case("two_minority_rows", csv(lambda df: df.assign(
+        booking_status=df.index.isin([3, 9]).astype(int))), 3,
+         ["booking_status · class 1 has 2 rows; split.val_size=0.15"]),
+    Case("four_rows", csv(lambda df: df.head(4).assign(booking_status=[0, 1, 0, 1])), 3,
+         ["booking_status · class 0 has 2 rows, class 1 has 2 rows; split.val_size=0.15 and "
+          "split.test_size=0.15 need at least 7 rows of each class"]),
+    Case("few_rows_for_larger_fractions", csv(lambda df: df.assign(
+        booking_status=(df.index < 8).astype(int))), 3,
+         ["class 1 has 8 rows; split.val_size=0.05 and split.test_size=0.05 need at least "
+          "20 rows of each class"], extra=["split.val_size=0.05", "split.test_size=0.05"]),
+    Case("nullable_target_with_nulls", set_cell(3, "booking_status", None), 3,
+         ["booking_status · missing values (the target needs a value in every row) · 1 row · "
+          "e.g. row 3: None"], extra=["+dataset.columns.booking_status.nullable=true"]),
 ]
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import compose
+from tests.conftest import compose, task_table
 from tests.test_steps import run_through
 from trainpipe import coerce
 from trainpipe.pipeline import fingerprints
-from trainpipe.steps import ingest
+from trainpipe.steps import ingest, split
 
 PEOPLE_YAML = """\
 name: people
@@ -158,3 +158,17 @@ def test_validate_reads_the_spellings_in_its_fingerprint(tmp_path):
     after = fingerprints(cfg, sources)
     assert [s for s in before if before[s] != after[s]] == [
         "validate", "split", "features", "train", "evaluate"]
+
+
+def test_split_says_what_it_needs_when_validate_was_reused(tmp_path):
+    """validate checks the split's feasibility; its output is reused when only the split's
+    fractions change, so split checks them again before it cuts."""
+    table = task_table("binary", rows=60)
+    table.loc[:, "label"] = np.where(table.index < 9, "yes", "no")
+    cfg = compose("split.val_size=0.05", "split.test_size=0.05")
+    cfg.dataset.task, cfg.dataset.target = "binary", "label"
+    with pytest.raises(Exception, match=r"cannot split the validated data: label · class 'yes' "
+                       r"has 9 rows; split\.val_size=0\.05 and split\.test_size=0\.05 need at "
+                       r"least 20 rows of each class"):
+        split.run(cfg, table)
+    assert split.feasibility(compose(), table["label"]) is None  # 0.15 + 0.15: 7 rows do

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from trainpipe import coerce
 from trainpipe.errors import DataValidationError
 from trainpipe.schema import build_schema, parse_options
-from trainpipe.steps import Report
+from trainpipe.steps import Report, split
 from trainpipe.steps.ingest import RawTable
 
 EXAMPLES = 5  # example failing values shown per column and check
@@ -184,20 +184,26 @@ def _examples(bad: pd.Series, as_int: bool = False) -> list[dict]:
 
 
 def _target_checks(cfg: DictConfig, typed: pd.DataFrame, source: str) -> list[dict]:
-    """The target has two classes (or varies)."""
+    """The target has two classes (or varies) and enough rows of each class for the split."""
     dataset = cfg.dataset
     target = dataset.target
     if not cfg.validate.target_classes or target not in typed.columns:
         return []
     values = typed[target].dropna()
-    if values.empty or values.nunique() >= 2:
+    if values.empty:
         return []
-    if dataset.task == "regression":
-        return [_failure(source, target, "not_constant", len(typed), [],
-                         "the target is constant")]
-    only = _plain(values.iloc[0])
-    return [_failure(source, target, "at_least_two_classes", len(typed), [],
-                     f"the target has a single class ({only!r})")]
+    if values.nunique() < 2:
+        if dataset.task == "regression":
+            return [_failure(source, target, "not_constant", len(typed), [],
+                             "the target is constant")]
+        only = _plain(values.iloc[0])
+        return [_failure(source, target, "at_least_two_classes", len(typed), [],
+                         f"the target has a single class ({only!r})")]
+    problem = split.feasibility(cfg, values)
+    if problem is None:
+        return []
+    check, message = problem
+    return [_failure(source, target, check, len(values), [], message)]
 
 
 def _failures_from(source: str, cases: pd.DataFrame, int_columns: set[str]) -> list[dict]:
@@ -221,8 +227,8 @@ def _failures_from(source: str, cases: pd.DataFrame, int_columns: set[str]) -> l
     return failures
 
 
-# about a column, not rows: no row count shown
-COLUMN_CHECKS = ("column_in_dataframe", "column_in_schema")
+# about a column or the table, not rows: no row count shown
+COLUMN_CHECKS = ("column_in_dataframe", "column_in_schema", "rows_per_class", "rows_for_split")
 
 
 def _failure(source, column, check, count, examples, message=None) -> dict:
