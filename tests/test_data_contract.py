@@ -1,16 +1,23 @@
 """The data is what the file says: each column is read as its contract type (never
-guessed)."""
+guessed), and the logged model reads rows as the source holds them as well as typed."""
 
+import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
-from tests.conftest import compose, task_table
+from tests.conftest import FAST, compose, task_table
 from tests.test_steps import run_through
 from trainpipe import coerce
+from trainpipe.cli import app
 from trainpipe.pipeline import fingerprints
 from trainpipe.steps import ingest, split
 
@@ -172,3 +179,92 @@ def test_split_says_what_it_needs_when_validate_was_reused(tmp_path):
                        r"least 20 rows of each class"):
         split.run(cfg, table)
     assert split.feasibility(compose(), table["label"]) is None  # 0.15 + 0.15: 7 rows do
+
+
+# -- the logged model reads rows as the training source looks (item 6) -------------------
+
+TOY_YAML = """\
+name: toy_dates
+source: {source}
+task: binary
+target: label
+id_column: key
+columns:
+  key:    {{type: int, min: 0}}
+  x1:     {{type: float}}
+  x2:     {{type: int, min: 0, max: 49}}
+  colour: {{type: str, values: [red, green, blue]}}
+  weight: {{type: float, nullable: true}}
+  booked: {{type: datetime, nullable: true}}
+  member: {{type: bool}}
+  label:  {{type: str, values: ['yes', 'no']}}
+"""
+# The same data as a file that writes dates day first and booleans as yes/no.
+DAY_FIRST = {"booked": ("{type: datetime, nullable: true}",
+                        "{type: datetime, nullable: true, format: '%d/%m/%Y'}"),
+             "member": ("columns:", "true_values: ['yes']\nfalse_values: ['no']\ncolumns:")}
+
+# A process where trainpipe cannot be imported: the model must carry what it needs.
+LOAD_WITHOUT_TRAINPIPE = """
+import sys
+class NoTrainpipe:
+    def find_spec(self, name, path=None, target=None):
+        if name == "trainpipe" or name.startswith("trainpipe."):
+            raise ImportError("trainpipe is not installed here")
+sys.meta_path.insert(0, NoTrainpipe())
+import json, mlflow, pandas as pd
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+assert "trainpipe" not in sys.modules
+print(json.dumps(model.predict(pd.read_csv(sys.argv[3])).tolist()))
+"""
+
+
+@pytest.fixture(params=["iso", "day_first"])
+def trained(request, tmp_path, monkeypatch):
+    """A model trained on a CSV with dates and booleans: ISO dates and True/False (the
+    README's example), or day-first dates and yes/no."""
+    monkeypatch.chdir(tmp_path)
+    table = task_table("binary", rows=400).drop(columns=["notes"])
+    yaml = TOY_YAML.format(source=tmp_path / "train.csv")
+    if request.param == "day_first":
+        table["booked"] = table["booked"].dt.strftime("%d/%m/%Y")
+        table["member"] = np.where(table["member"], "yes", "no")
+        for old, new in DAY_FIRST.values():
+            yaml = yaml.replace(old, new)
+    table.to_csv(tmp_path / "train.csv", index=False)
+    conf = tmp_path / "conf" / "dataset"
+    conf.mkdir(parents=True)
+    (conf / "toy_dates.yaml").write_text(yaml)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(app, ["run", "--config-dir", str(tmp_path / "conf"),
+                                      "dataset=toy_dates", f"lake.root={tmp_path / 'lake'}",
+                                      f"tracking.uri={store}", *FAST])
+    assert result.exit_code == 0, result.output
+    mlflow.set_tracking_uri(store)
+    parent = mlflow.search_runs(experiment_names=["trainpipe"],
+                                filter_string="tags.`trainpipe.kind` = 'pipeline'")
+    return store, parent["tags.trainpipe.model_uri"].iloc[0], table, request.param
+
+
+def test_the_model_reads_rows_as_the_source_holds_them_and_typed(trained, tmp_path):
+    store, uri, table, style = trained
+    model = mlflow.pyfunc.load_model(uri)
+    rows = table.drop(columns=["label"]).head(50).copy()
+    rows["x1"] = rows["x1"].round().astype(int)  # pandas reads ints where floats were
+    rows.to_csv(tmp_path / "new.csv", index=False)
+    raw = pd.read_csv(tmp_path / "new.csv")
+    assert raw["x1"].dtype == "int64" and raw["booked"].dtype == "str"
+    booked = pd.to_datetime(raw["booked"], format="%d/%m/%Y" if style == "day_first" else None)
+    member = raw["member"] == "yes" if style == "day_first" else raw["member"]
+    typed = raw.assign(x1=raw["x1"].astype(float), booked=booked, member=member)
+    from_raw = model.predict(raw)
+    assert set(from_raw) <= {"yes", "no"} and len(from_raw) == 50
+    assert list(model.predict(typed)) == list(from_raw)
+
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_TRAINPIPE, store, uri,
+                           str(tmp_path / "new.csv")], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == list(from_raw)

@@ -32,7 +32,7 @@ class Step:
 
 
 DATASET = ("dataset.target", "dataset.task")
-# How the source spells missing values and booleans.
+# How the source spells missing values and booleans: validate and the model both read it.
 SPELLINGS = ("dataset.na_values", "dataset.true_values", "dataset.false_values")
 STEPS = (
     Step("ingest", ingest, ("sources",), ("raw", "raw_scoring"), ()),
@@ -42,7 +42,7 @@ STEPS = (
     Step("split", split, ("validated",), ("splits",), ("seed", "split", *DATASET)),
     Step("features", features, ("splits",), ("transformer", "features"),
          ("dataset.columns", "dataset.derived", "dataset.id_column", "model.preprocessing",
-          *DATASET)),
+          *SPELLINGS, *DATASET)),
     # The model lives in the tracking store: another store means another output.
     Step("train", train, ("splits", "transformer", "features"), ("model", "example"),
          ("model", "tracking.uri", *DATASET)),

@@ -1,15 +1,35 @@
 """features: a scikit-learn transformer built from the dataset config, fitted on the
 training split only, applied to every split.
 
-The transformer uses scikit-learn and pandas classes only, so the logged model
-needs nothing from trainpipe to load.
+The transformer uses scikit-learn and pandas classes only, and functions of
+trainpipe.coerce stored by value in the pickle, so the logged model needs nothing from
+trainpipe to load.
 """
 
+import cloudpickle
 import pandas as pd
 from omegaconf import DictConfig
 
-from trainpipe.schema import feature_columns
+from trainpipe import coerce
+from trainpipe.schema import feature_columns, parse_options
 from trainpipe.steps import Report
+
+# The model's first step calls coerce.to_contract_types: pickle its code into the model.
+cloudpickle.register_pickle_by_value(coerce)
+
+
+def contract_types(cfg: DictConfig):
+    """The first step: input columns to their contract types, from rows as the source holds
+    them (strings for dates, ints where floats were, bool spellings) or already typed."""
+    from sklearn.preprocessing import FunctionTransformer
+
+    dataset = cfg.dataset
+    columns = {col: {"type": dataset.columns[col].type,
+                     "nullable": bool(dataset.columns[col].get("nullable", False)),
+                     "format": dataset.columns[col].get("format")}
+               for col in feature_columns(dataset)}
+    return FunctionTransformer(coerce.to_contract_types, feature_names_out="one-to-one",
+                               kw_args={"columns": columns, **parse_options(dataset)})
 
 
 def build_transformer(cfg: DictConfig):
@@ -56,7 +76,7 @@ def build_transformer(cfg: DictConfig):
         remainder="drop",  # the id, the target and dropped columns never become features
         verbose_feature_names_out=False,
     )
-    steps = []
+    steps = [("types", contract_types(cfg))]
     if derived:
         # DataFrame.eval keeps the model free of trainpipe code: "a = x + y" per line.
         expr = "\n".join(f"{name} = {formula}" for name, formula in derived.items())
