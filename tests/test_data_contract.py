@@ -18,6 +18,7 @@ from tests.conftest import FAST, compose, task_table
 from tests.test_steps import run_through
 from trainpipe import coerce
 from trainpipe.cli import app
+from trainpipe.errors import ConfigError
 from trainpipe.pipeline import fingerprints
 from trainpipe.steps import ingest, split
 
@@ -153,6 +154,34 @@ def test_reading_and_validating_warns_nothing(tmp_path):
         df = validated(conf)
     assert len(df) == rows and df["code"].iloc[-1] == "A1"
     assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize("old,new,words", [
+    ("{type: str}", "{type: str, kind: numeric}", "dataset.columns.code.kind numeric needs a "
+     "number column; a str column is categorical or drop"),
+    ("{type: str}", "{type: str, format: '%Y'}", "dataset.columns.code.format is a date "
+     "format such as '%d/%m/%Y', for a datetime column"),
+    ("{type: bool}", "{type: bool, nullable: 'no'}", "dataset.columns.member.nullable must "
+     "be true or false, not 'no'"),
+    ("{type: int, min: 0}", "{type: int, min: ten}", "dataset.columns.id.min 'ten' is not a "
+     "number"),
+    ("{type: int, values: [0, 1]}", "{type: int, values: [0, 1.5]}",
+     "dataset.columns.label.values holds 1.5, which is no int"),
+    ("format: '%d/%m/%Y', nullable: true}", "format: '%d/%m/%Y', min: someday}",
+     "dataset.columns.joined.min 'someday' is not a date"),
+    ("true_values: ['yes', 'y', 'true']", "true_values: [yes, 'y']",
+     "dataset.true_values holds a boolean: YAML reads yes/no/true/false/on/off as booleans; "
+     "quote them"),
+    ("false_values: ['no', 'n', 'false']", "false_values: ['no', 'y']",
+     "['y'] are in both dataset.true_values and dataset.false_values"),
+    ("na_values: ['', 'N/A']", "na_values: []", "dataset.na_values must be a non-empty list"),
+])
+def test_the_dataset_file_contradicting_itself_is_a_config_error(tmp_path, old, new, words):
+    assert old in PEOPLE_YAML
+    conf = people(tmp_path, yaml=PEOPLE_YAML.replace(old, new))
+    with pytest.raises(ConfigError) as info:
+        compose("dataset=people", config_dir=conf)
+    assert words in str(info.value)
 
 
 def test_validate_reads_the_spellings_in_its_fingerprint(tmp_path):
