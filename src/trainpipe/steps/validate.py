@@ -81,31 +81,32 @@ def _parse(dataset: DictConfig, df: pd.DataFrame, source: str, with_target: bool
     from concurrent.futures import ThreadPoolExecutor
 
     options = parse_options(dataset)
-    contract = [col for col in df.columns if col in dataset.columns
-                and (with_target or col != dataset.target)]
+    contract = {col: df[col] for col in df.columns if col in dataset.columns
+                and (with_target or col != dataset.target)}
 
     def parse(col: str):
         spec = dataset.columns[col]
-        return coerce.parse(df[col], spec.type, nullable=bool(spec.get("nullable", False)),
-                            date_format=spec.get("format"), **options)
+        return coerce.parse(contract[col], spec.type, date_format=spec.get("format"),
+                            nullable=bool(spec.get("nullable", False)), **options)
 
-    # Columns parse independently, in arrow and numpy code that releases the GIL.
+    # Columns parse independently, in arrow and numpy code that releases the GIL. Each
+    # typed column replaces its text in the raw frame as it comes (nothing reads the text
+    # afterwards; a typed copy of the whole table is as big as the data).
+    missing, failures = {}, []
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        parsed = dict(zip(contract, pool.map(parse, contract), strict=True))
-    typed, missing, failures = {}, {}, []
-    for col in df.columns:
-        if col not in parsed:  # not in the contract: strict says whether that is allowed
-            typed[col] = df[col]
-            continue
-        typed[col], missing[col], failed = parsed[col]
-        for cause, mask in failed.items():
-            bad = df[col][mask]
-            examples = [{"row": int(i), "value": _as_written(v)}
-                        for i, v in bad.head(EXAMPLES).items()]
-            failures.append(_failure(source, col, cause, len(bad), examples,
-                                     _parse_message(cause, dataset.columns[col], options, bad)))
-    # copy=False: one block per column, as parsed (consolidating them copies the table)
-    return pd.DataFrame(typed, index=df.index, copy=False), missing, failures
+        columns = list(contract)
+        for col, (typed, missing[col], failed) in zip(columns, pool.map(parse, columns),
+                                                      strict=True):
+            for cause, mask in failed.items():
+                bad = contract[col][mask]
+                examples = [{"row": int(i), "value": _as_written(v)}
+                            for i, v in bad.head(EXAMPLES).items()]
+                failures.append(_failure(source, col, cause, len(bad), examples,
+                                         _parse_message(cause, dataset.columns[col], options,
+                                                        bad)))
+            df[col] = typed
+            del contract[col]  # its text can go
+    return df, missing, failures
 
 
 def _as_written(value):
