@@ -130,6 +130,15 @@ def test_parse_reads_text_by_the_grammar_of_its_type(text, kind, value, cause):
         assert pd.isna(typed[0])
 
 
+def test_booleans_need_no_spelling_among_other_cells():
+    """A JSON request sends true, not the file's spelling."""
+    typed, missing, failed = coerce.parse(pd.Series([True, "yes", None, np.False_],
+                                                    dtype=object), "bool",
+                                          true_values=["yes"], false_values=["no"])
+    assert typed.tolist() == [True, True, None, False] and not failed
+    assert missing.tolist() == [False, False, True, False]
+
+
 def test_a_big_int_keeps_every_digit_beside_a_missing_value():
     typed, _, failed = coerce.parse(pd.Series(["9007199254740993", "12"], dtype="str"), "int",
                                     nullable=False)
@@ -290,6 +299,9 @@ def test_the_model_reads_rows_as_the_source_holds_them_and_typed(trained, tmp_pa
     from_raw = model.predict(raw)
     assert set(from_raw) <= {"yes", "no"} and len(from_raw) == 50
     assert list(model.predict(typed)) == list(from_raw)
+    # A JSON request (MLflow serving) sends dates as ISO text and booleans as true/false.
+    request = mlflow.models.convert_input_example_to_serving_input(typed.head(10))
+    assert list(mlflow.models.validate_serving_input(uri, request)) == list(from_raw[:10])
 
     proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_TRAINPIPE, store, uri,
                            str(tmp_path / "new.csv")], capture_output=True, text=True,

@@ -59,6 +59,11 @@ def parse(values: pd.Series, kind: str, *, nullable: bool = True, na_values=NA_V
         blank = missing | wrong
         usable = text.where(~blank) if blank.any() else text  # (where copies the column)
         typed, text_failed = _from_text(usable, kind, true_values, false_values, date_format)
+        if kind == "bool" and values.dtype == object:
+            # Booleans among other cells (a JSON request's true) need no spelling.
+            flags = values.map(lambda v: isinstance(v, bool | np.bool_)).to_numpy(bool)
+            typed = typed.where(~flags, values)
+            text_failed = {cause: mask & ~flags for cause, mask in text_failed.items()}
         for cause, mask in text_failed.items():
             failed[cause] = failed.get(cause, np.zeros(len(values), bool)) | mask
     else:
