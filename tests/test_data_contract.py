@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import warnings
+from datetime import date
+from decimal import Decimal
 from pathlib import Path
 
 import mlflow
@@ -87,15 +89,17 @@ def test_only_declared_spellings_are_missing(tmp_path):
 
 def test_parquet_columns_keep_their_types_and_get_the_same_checks(tmp_path):
     frame = pd.DataFrame({
-        "id": np.arange(4), "region": ["NA", "EU", "AS", "NA"],
+        "id": np.arange(4), "region": pd.Categorical(["NA", "EU", "AS", "NA"]),
         "code": ["01001", "02002", "00003", "4"], "member": [True, False, True, False],
-        "joined": pd.to_datetime(["2024-01-31", "2024-02-01", None, "2023-12-13"]),
-        "score": [1.5, np.nan, 2.0, 3.0], "visits": [3.0, np.nan, 4.0, 5.0],
+        "joined": [date(2024, 1, 31), date(2024, 2, 1), None, date(2023, 12, 13)],
+        "score": [Decimal("1.5"), None, Decimal(2), Decimal(3)],
+        "visits": [3.0, np.nan, 4.0, 5.0],
         "label": np.array([0, 1, 0, 1], dtype="uint8")})
     frame.to_parquet(tmp_path / "people.parquet")
     conf = people(tmp_path)
     df = validated(conf, f"dataset.source={tmp_path / 'people.parquet'}")
     assert df["member"].tolist() == [True, False, True, False]
+    assert df["region"].tolist() == ["NA", "EU", "AS", "NA"] and df["score"][0] == 1.5
     assert df["label"].dtype == "int64" and df["joined"].dtype == "datetime64[ns]"
     frame.assign(visits=[3.5, np.nan, 4.0, 5.0]).to_parquet(tmp_path / "bad.parquet")
     cfg = compose("dataset=people", "validate.target_classes=false",

@@ -12,6 +12,9 @@ pickled with this module's functions inside it (cloudpickle, by value), so this 
 imports nothing from trainpipe and nothing beyond numpy, pandas and pyarrow.
 """
 
+import datetime
+import numbers
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -21,6 +24,8 @@ NA_VALUES = ("",)  # what a missing cell looks like unless dataset.na_values say
 TRUE_VALUES = ("true", "1", "yes")  # bool spellings, compared case-insensitively
 FALSE_VALUES = ("false", "0", "no")
 ISO_DATES = "ISO8601"  # without a column `format`, dates must be ISO 8601 (2024-01-31 ...)
+
+NATIVE = {"bool": (bool, np.bool_), "datetime": (datetime.date,)}  # no text to parse
 
 INT_TEXT = r"^[+-]?[0-9]+$"
 NUMBER_TEXT = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
@@ -44,6 +49,8 @@ def parse(values: pd.Series, kind: str, *, nullable: bool = True, na_values=NA_V
     NaN in int64); a bool column with missing cells, or a nullable one, holds True, False
     and None.
     """
+    if isinstance(values.dtype, pd.CategoricalDtype):  # Parquet's dictionary columns
+        values = values.astype(object)
     missing = values.isna().to_numpy(dtype=bool, na_value=True)
     failed: dict[str, np.ndarray] = {}
     if kind == "str" and not _is_text(values) and values.dtype != object:
@@ -59,11 +66,16 @@ def parse(values: pd.Series, kind: str, *, nullable: bool = True, na_values=NA_V
         blank = missing | wrong
         usable = text.where(~blank) if blank.any() else text  # (where copies the column)
         typed, text_failed = _from_text(usable, kind, true_values, false_values, date_format)
-        if kind == "bool" and values.dtype == object:
-            # Booleans among other cells (a JSON request's true) need no spelling.
-            flags = values.map(lambda v: isinstance(v, bool | np.bool_)).to_numpy(bool)
-            typed = typed.where(~flags, values)
-            text_failed = {cause: mask & ~flags for cause, mask in text_failed.items()}
+        if kind in NATIVE and values.dtype == object:
+            # Cells already of the type (a JSON request's true, a Parquet date) need no
+            # spelling or format.
+            native = values.map(lambda v: isinstance(v, NATIVE[kind])).to_numpy(bool)
+            if native.any():
+                own = values.where(native)
+                if kind == "datetime":
+                    own = pd.to_datetime(own, utc=True).dt.tz_localize(None)
+                typed = typed.where(~native, own)
+                text_failed = {cause: mask & ~native for cause, mask in text_failed.items()}
         for cause, mask in text_failed.items():
             failed[cause] = failed.get(cause, np.zeros(len(values), bool)) | mask
     else:
@@ -111,8 +123,7 @@ def _as_text(values: pd.Series, missing: np.ndarray) -> tuple[pd.Series, np.ndar
 
 
 def _scalar(value) -> bool:
-    return isinstance(value, str | int | float | bool | np.number | np.bool_ | pd.Timestamp) or (
-        hasattr(value, "isoformat") and not isinstance(value, type))  # datetime.date etc.
+    return isinstance(value, str | numbers.Number | np.bool_ | datetime.date)  # Decimal too
 
 
 def _from_text(text: pd.Series, kind: str, true_values, false_values, date_format):
