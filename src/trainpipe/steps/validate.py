@@ -60,7 +60,7 @@ def _check(cfg: DictConfig, table: RawTable, with_target: bool):
     typed, missing, failures = _parse(dataset, df, source, with_target)
     schema = build_schema(dataset, with_target=with_target)
     try:
-        # inplace: the typed frame is ours (a copy is as big as the data)
+        # inplace: the frame is typed already (a copy is as big as the data)
         schema.validate(typed, lazy=True, inplace=True)
     except pe.SchemaErrors as exc:
         int_columns = {c for c, spec in dataset.columns.items() if spec.type == "int"}
@@ -83,11 +83,13 @@ def _parse(dataset: DictConfig, df: pd.DataFrame, source: str, with_target: bool
     options = parse_options(dataset)
     contract = {col: df[col] for col in df.columns if col in dataset.columns
                 and (with_target or col != dataset.target)}
+    specs = {col: (dataset.columns[col].type, bool(dataset.columns[col].get("nullable", False)),
+                   dataset.columns[col].get("format")) for col in contract}
 
     def parse(col: str):
-        spec = dataset.columns[col]
-        return coerce.parse(contract[col], spec.type, date_format=spec.get("format"),
-                            nullable=bool(spec.get("nullable", False)), **options)
+        kind, nullable, date_format = specs[col]
+        return coerce.parse(contract[col], kind, nullable=nullable, date_format=date_format,
+                            **options)
 
     # Columns parse independently, in arrow and numpy code that releases the GIL. Each
     # typed column replaces its text in the raw frame as it comes (nothing reads the text
