@@ -118,6 +118,53 @@ def drop_every_feature(folder: Path) -> list[str]:
             if c not in ("id", "booking_status")]
 
 
+MINI_YAML = """\
+name: mini
+source: {source}
+task: binary
+target: label
+id_column: id
+columns:
+  id:     {{type: int, min: 0, unique: true}}
+  code:   {{type: str, values: ['01001', '02002']}}
+  member: {{type: bool}}
+  joined: {{type: datetime}}
+  score:  {{type: float, nullable: true}}
+  label:  {{type: int, values: [0, 1]}}
+"""
+
+
+def mini_table(rows: int = 40) -> pd.DataFrame:
+    """Text cells of a small dataset with the types the hotel data lacks: codes with
+    leading zeros, bool spellings, dates."""
+    i = np.arange(rows)
+    return pd.DataFrame({"id": i, "code": np.where(i % 2, "02002", "01001"),
+                         "member": np.where(i % 3, "yes", "no"),
+                         "joined": [f"2024-01-{d:02d}" for d in i % 28 + 1],
+                         "score": [f"{v:.2f}" for v in i / 7], "label": i % 2}).astype(str)
+
+
+def mini(edit: Callable[[pd.DataFrame], pd.DataFrame] = lambda df: df,
+         yaml: tuple[str, str] = ("", "")) -> Callable[[Path], list[str]]:
+    """The mini dataset (its own dataset file) with an edit to its cells or its YAML."""
+    def make(folder: Path) -> list[str]:
+        conf = folder / "conf" / "dataset"
+        conf.mkdir(parents=True)
+        edit(mini_table()).to_csv(folder / "mini.csv", index=False)
+        text = MINI_YAML.format(source=folder / "mini.csv")
+        assert yaml[0] in text
+        (conf / "mini.yaml").write_text(text.replace(*yaml))
+        return ["--config-dir", str(folder / "conf"), "dataset=mini"]
+    return make
+
+
+def cell(row: int, col: str, value) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def edit(df):
+        df.loc[row, col] = value
+        return df
+    return edit
+
+
 CASES = [
     Case("out_of_range", set_cell(4, "arrival_month", 13), 3,
          ["arrival_month · less_than_or_equal_to(12) · 1 row · e.g. row 4: 13"]),
@@ -243,6 +290,78 @@ CASES = [
     Case("yaml_no_feature_columns", drop_every_feature, 2,
          ["no feature columns: every column of dataset.columns is the target, the id_column "
           "or has kind: drop"]),
+    # The data is what the file says (issue 8): no value guessed, none published wrongly.
+    Case("bool_typo", mini(cell(5, "member", "Flase")), 3,
+         ["mini.csv · member · values of the wrong type (bool): not one of true_values "
+          "['true', '1', 'yes'] or false_values ['false', '0', 'no'] · 1 row · "
+          "e.g. row 5: 'Flase'"]),
+    Case("bool_outside_configured_spellings", mini(yaml=("columns:", "true_values: [Y]\n"
+                                                          "false_values: [N]\ncolumns:")), 3,
+         ["member · values of the wrong type (bool): not one of true_values ['Y'] or "
+          "false_values ['N'] · 40 rows · e.g. row 0: 'no', row 1: 'yes'"]),
+    Case("na_token_not_declared_missing", mini(cell(3, "score", "N/A")), 3,
+         ["score · values of the wrong type (float); if 'N/A' means missing, list it in "
+          "dataset.na_values · 1 row · e.g. row 3: 'N/A'"]),
+    Case("leading_zero_lost", mini(cell(4, "code", "1001")), 3,
+         ["code · isin(['01001', '02002']) · 1 row · e.g. row 4: '1001'"]),
+    Case("int_overflow", set_cell(3, "lead_time", "1e30"), 3,
+         ["lead_time · whole numbers outside the int64 range (type: int) · 1 row · "
+          "e.g. row 3: '1e30'"], absent=["-9223372036854775808", "greater_than"]),
+    Case("int_beyond_int64_by_one", set_cell(3, "lead_time", "9223372036854775808"), 3,
+         ["lead_time · whole numbers outside the int64 range (type: int) · 1 row · "
+          "e.g. row 3: 9223372036854775808"], absent=["greater_than", "less_than"]),
+    Case("dayfirst_dates_without_format",
+         mini(lambda df: df.assign(joined=[f"{d:02d}/01/2024" for d in range(1, 41)])), 3,
+         ["joined · values of the wrong type (datetime): not dates in the format ISO 8601 "
+          "(2024-01-31); set the column's format, e.g. format: '%d/%m/%Y' · 40 rows · "
+          "e.g. row 0: '01/01/2024', row 1: '02/01/2024'"]),
+    Case("date_not_in_format", mini(cell(2, "joined", "2024-01-03"),
+                                    yaml=("{type: datetime}",
+                                          "{type: datetime, format: '%Y-%m-%d %H:%M'}")), 3,
+         ["joined · values of the wrong type (datetime): not dates in the format "
+          "'%Y-%m-%d %H:%M' · 40 rows"]),
+    Case("parquet_list_column", parquet(lambda df: df.assign(lead_time=[[1, 2]] * len(df))), 3,
+         ["bad.parquet · lead_time · values of the wrong type (int) · 300 rows · "
+          "e.g. row 0: [1, 2], row 1: [1, 2]"]),
+    Case("yaml_unknown_dataset_key", dataset_yaml(("id_column: id", "id_colum: id")), 2,
+         ["dataset has unknown key(s) ['id_colum'] ('id_colum': did you mean 'id_column'?)"]),
+    Case("yaml_misspelt_column_key", dataset_yaml(("{type: float, min: 0, max: 10000}",
+                                                   "{type: float, nullabel: true}")), 2,
+         ["dataset.columns.avg_price_per_room has unknown key(s) ['nullabel'] ('nullabel': "
+          "did you mean 'nullable'?)"]),
+    Case("yaml_min_above_max", dataset_yaml(("{type: int, min: 1, max: 12}",
+                                             "{type: int, min: 12, max: 1}")), 2,
+         ["dataset.columns.arrival_month: min 12 is greater than max 1: no value could pass"]),
+    Case("yaml_empty_values", dataset_yaml(("repeated_guest:                       {type: int, "
+                                            "values: [0, 1]}", "repeated_guest: {type: int, "
+                                            "values: []}")), 2,
+         ["dataset.columns.repeated_guest.values is empty: no value could pass"]),
+    Case("yaml_values_outside_min_max", dataset_yaml(("{type: int, min: 0, max: 3, kind: "
+                                                      "categorical}", "{type: int, min: 0, "
+                                                      "max: 3, values: [0, 4]}")), 2,
+         ["dataset.columns.type_of_meal_plan.values holds 4, outside min..max (0..3)"]),
+    Case("yaml_str_values_unquoted", mini(yaml=("['01001', '02002']", "[01001, 02002]")), 2,
+         ["dataset.columns.code.values holds the number 513, not a text: YAML reads unquoted "
+          "numbers as numbers (01001 as the octal 513); quote each value"]),
+    Case("yaml_target_is_the_id", dataset_yaml(("id_column: id", "id_column: booking_status")),
+         2, ["dataset.id_column 'booking_status' is the target"]),
+    Case("class_of_one_row", csv(lambda df: df.assign(
+        booking_status=(df.index == 3).astype(int))), 3,
+         ["booking_status · class 1 has 1 row; split.val_size=0.15 and split.test_size=0.15 "
+          "need at least 7 rows of each class (one in each of train, val and test)"]),
+    Case("two_minority_rows", csv(lambda df: df.assign(
+        booking_status=df.index.isin([3, 9]).astype(int))), 3,
+         ["booking_status · class 1 has 2 rows; split.val_size=0.15"]),
+    Case("four_rows", csv(lambda df: df.head(4).assign(booking_status=[0, 1, 0, 1])), 3,
+         ["booking_status · class 0 has 2 rows, class 1 has 2 rows; split.val_size=0.15 and "
+          "split.test_size=0.15 need at least 7 rows of each class"]),
+    Case("few_rows_for_larger_fractions", csv(lambda df: df.assign(
+        booking_status=(df.index < 8).astype(int))), 3,
+         ["class 1 has 8 rows; split.val_size=0.05 and split.test_size=0.05 need at least "
+          "20 rows of each class"], extra=["split.val_size=0.05", "split.test_size=0.05"]),
+    Case("nullable_target_with_nulls", set_cell(3, "booking_status", None), 3,
+         ["booking_status · missing values (the target needs a value in every row) · 1 row · "
+          "e.g. row 3: None"], extra=["+dataset.columns.booking_status.nullable=true"]),
 ]
 
 

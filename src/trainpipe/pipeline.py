@@ -40,15 +40,17 @@ class Step:
 
 
 DATASET = ("dataset.target", "dataset.task")
+# How the source spells missing values and booleans: validate and the model both read it.
+SPELLINGS = ("dataset.na_values", "dataset.true_values", "dataset.false_values")
 STEPS = (
     Step("ingest", ingest, ("sources",), ()),
     Step("validate", validate, ("raw", "raw_scoring"),
          ("dataset.name", "dataset.columns", "dataset.id_column", "dataset.strict", "validate",
-          *DATASET)),
+          *SPELLINGS, *DATASET)),
     Step("split", split, ("validated",), ("seed", "split", *DATASET)),
     Step("features", features, ("splits",),
          ("dataset.columns", "dataset.derived", "dataset.id_column", "model.preprocessing",
-          *DATASET)),
+          *SPELLINGS, *DATASET)),
     # The model lives in the tracking store: another store means another output.
     Step("train", train, ("splits", "transformer", "features"), ("model", "tracking.uri",
                                                                  *DATASET)),

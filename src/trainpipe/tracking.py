@@ -39,7 +39,7 @@ BATCH = 100  # MLflow's limit on params per log_batch
 PACKAGES = ("mlflow", "scikit-learn", "pandas", "numpy", "pyarrow", "cloudpickle", "lightgbm",
             "pandera", "hydra-core")
 # What a logged model needs to load: the estimator's package is added to these.
-MODEL_REQUIREMENTS = ("mlflow", "scikit-learn", "pandas", "numpy", "cloudpickle")
+MODEL_REQUIREMENTS = ("mlflow", "scikit-learn", "pandas", "numpy", "pyarrow", "cloudpickle")
 MODULE_PACKAGES = {"sklearn": "scikit-learn", "lightgbm": "lightgbm", "xgboost": "xgboost"}
 
 
@@ -220,7 +220,6 @@ class Tracking:
         It is named after the dataset and the model (`hotel_bookings-lightgbm`) and carries
         the estimator's parameters."""
         import mlflow.sklearn
-        from mlflow.models import infer_signature
 
         estimator = model[-1]
         packages = [*MODEL_REQUIREMENTS]
@@ -237,7 +236,7 @@ class Tracking:
                   "trainpipe.model": self.cfg.model.name,
                   "trainpipe.estimator": f"{type(estimator).__module__}."
                                          f"{type(estimator).__name__}"},
-            signature=infer_signature(example, model.predict(example)),
+            signature=_signature(example, model.predict(example)),
             input_example=example,
             # Explicit requirements: inferring them re-imports the model (seconds).
             pip_requirements=[f"{p}=={_version(p)}" for p in packages if _version(p)],
@@ -253,6 +252,20 @@ class Tracking:
             for name, content in files.items():
                 (Path(tmp) / name).write_bytes(content)
             self.client.log_artifacts(run_id, tmp)
+
+
+def _signature(example, predictions):
+    """The model's first step reads columns as a source holds them (dates as text, ints
+    where floats were, bool spellings) as well as typed: MLflow must not insist on the typed
+    form, so those columns take any value. int columns read the same either way."""
+    from mlflow.models import infer_signature
+    from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
+
+    signature = infer_signature(example, predictions)
+    signature.inputs = Schema([
+        spec if spec.type == DataType.long else ColSpec(AnyType(), spec.name, spec.required)
+        for spec in signature.inputs.inputs])
+    return signature
 
 
 def warm_up() -> threading.Thread:

@@ -1,21 +1,40 @@
 """features: a scikit-learn transformer built from the dataset config, fitted on the
 training split only, applied to every split.
 
-The transformer uses scikit-learn and pandas classes, and for derived columns the
-formula evaluator of expressions.py, which is pickled by value: the logged model needs
-nothing from trainpipe to load.
+The transformer uses scikit-learn and pandas classes, and functions of
+trainpipe.coerce and trainpipe.expressions stored by value in the pickle, so the logged
+model needs nothing from trainpipe to load.
 """
 
+import cloudpickle
 import pandas as pd
 from omegaconf import DictConfig
 
+from trainpipe import coerce
 from trainpipe.catalog import Pickle, Tables
 from trainpipe.expressions import add_derived, parse_derived
-from trainpipe.schema import feature_columns
+from trainpipe.schema import feature_columns, parse_options
 from trainpipe.steps import Report
 
 ZONE = "features"
 OUTPUTS = {"transformer": Pickle("transformer.pkl"), "features": Tables(("train", "val", "test"))}
+
+# The model's first step calls coerce.to_contract_types: pickle its code into the model.
+cloudpickle.register_pickle_by_value(coerce)
+
+
+def contract_types(cfg: DictConfig):
+    """The first step: input columns to their contract types, from rows as the source holds
+    them (strings for dates, ints where floats were, bool spellings) or already typed."""
+    from sklearn.preprocessing import FunctionTransformer
+
+    dataset = cfg.dataset
+    columns = {col: {"type": dataset.columns[col].type,
+                     "nullable": bool(dataset.columns[col].get("nullable", False)),
+                     "format": dataset.columns[col].get("format")}
+               for col in feature_columns(dataset)}
+    return FunctionTransformer(coerce.to_contract_types, feature_names_out="one-to-one",
+                               kw_args={"columns": columns, **parse_options(dataset)})
 
 
 def build_transformer(cfg: DictConfig):
@@ -62,7 +81,7 @@ def build_transformer(cfg: DictConfig):
         remainder="drop",  # the id, the target and dropped columns never become features
         verbose_feature_names_out=False,
     )
-    steps = []
+    steps = [("types", contract_types(cfg))]
     if derived:
         # The parsed formulas, never a string to evaluate; add_derived travels by value.
         steps.append(("derive", FunctionTransformer(

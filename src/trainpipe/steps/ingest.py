@@ -4,6 +4,7 @@ import io
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
@@ -59,19 +60,9 @@ def _parse(source: Source) -> pd.DataFrame:
             return pd.read_parquet(io.BytesIO(source.data))
         except Exception as exc:  # a truncated or corrupt file
             raise SourceError(f"{name}: not a readable Parquet file ({exc})") from None
-    try:
-        # utf-8-sig: a byte-order mark must not become part of the first column's name.
-        df = pd.read_csv(io.BytesIO(source.data), encoding="utf-8-sig")
-    except pd.errors.EmptyDataError:
-        raise DataValidationError(f"{name}: the file is empty") from None
-    except pd.errors.ParserError as exc:
-        raise DataValidationError(f"{name}: not a well-formed CSV file: {_ragged(exc)}") from None
-    except UnicodeDecodeError as exc:
-        line = source.data[: exc.start].count(b"\n") + 1
-        raise DataValidationError(
-            f"{name}: line {line}: bytes that are not UTF-8 ({exc.reason}); "
-            "save the file as UTF-8"
-        ) from None
+    df = _read_text_fast(source.data)
+    if df is None:
+        df = _read_text(source.data, name)
     if df.shape[1] == 1:
         header = str(df.columns[0])
         for sep in (";", "\t", "|"):
@@ -80,6 +71,59 @@ def _parse(source: Source) -> pd.DataFrame:
                     f"{name}: line 1 has no commas but {header.count(sep)} {sep!r}: the file "
                     f"seems to be {sep!r}-delimited; trainpipe reads comma-separated CSV")
     return df
+
+
+# Every cell is read as the text the file holds; validate parses it to its column's type.
+# (pandas' inference would read the code 01001 as 1001, `NA` as missing, and 1e30 as an
+# int; its low-memory chunks warn about mixed types.)
+TEXT_CSV = {"dtype": str, "keep_default_na": False, "na_filter": False}
+
+
+def _read_text(data: bytes, name: str) -> pd.DataFrame:
+    """pandas' parser: slower than pyarrow's, but its errors name the line."""
+    try:
+        # utf-8-sig: a byte-order mark must not become part of the first column's name.
+        return pd.read_csv(io.BytesIO(data), encoding="utf-8-sig", **TEXT_CSV)
+    except pd.errors.EmptyDataError:
+        raise DataValidationError(f"{name}: the file is empty") from None
+    except pd.errors.ParserError as exc:
+        raise DataValidationError(f"{name}: not a well-formed CSV file: {_ragged(exc)}") from None
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataValidationError(
+            f"{name}: line {line}: bytes that are not UTF-8 ({exc.reason}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _read_text_fast(data: bytes) -> pd.DataFrame | None:
+    """The same table as `_read_text`, read by pyarrow (several times faster on big files),
+    or None for anything unusual (a bad row or encoding, duplicate or blank header names):
+    pandas' parser then reads it, or says what is wrong."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    try:
+        names = list(pd.read_csv(io.BytesIO(data[:1 << 16]), nrows=0, encoding="utf-8-sig",
+                                 **TEXT_CSV).columns)
+    except Exception:  # noqa: BLE001 - the slow path reports it
+        return None
+    if len(set(names)) != len(names) or any(str(n).startswith("Unnamed: ") for n in names):
+        return None  # pandas renames these (a.1, Unnamed: 0): keep its names
+    text = pd.StringDtype("pyarrow", na_value=np.nan)
+    try:
+        table = pcsv.read_csv(
+            pa.BufferReader(data),
+            # a quoted value may hold a line break: then blocks cannot start at any newline
+            parse_options=pcsv.ParseOptions(newlines_in_values=b'"' in data),
+            convert_options=pcsv.ConvertOptions(
+                column_types=dict.fromkeys(names, pa.string()), null_values=[],
+                strings_can_be_null=False, quoted_strings_can_be_null=False))
+    except (pa.ArrowInvalid, ValueError):
+        return None
+    if table.column_names != names or any(t != pa.string() for t in table.schema.types):
+        return None
+    return table.to_pandas(types_mapper={pa.string(): text}.get)
 
 
 def _ragged(exc: Exception) -> str:

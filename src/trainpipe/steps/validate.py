@@ -5,15 +5,18 @@ report (JSON and Markdown, with per-column statistics) is recorded on success to
 """
 
 import json
+import math
+import os
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from trainpipe import coerce
 from trainpipe.catalog import Table
 from trainpipe.errors import DataValidationError
-from trainpipe.schema import build_schema
-from trainpipe.steps import Report
+from trainpipe.schema import build_schema, parse_options
+from trainpipe.steps import Report, split
 from trainpipe.steps.ingest import RawTable
 
 ZONE = "landing"
@@ -26,7 +29,7 @@ def run(cfg: DictConfig, raw: RawTable, raw_scoring: RawTable | None) -> tuple[d
     tables = {"train": raw} | ({"scoring": raw_scoring} if raw_scoring is not None else {})
     validated, failures, stats = {}, [], {}
     for role, table in tables.items():
-        df, table_failures = _check(dataset, cfg.validate, table, with_target=role == "train")
+        df, table_failures = _check(cfg, table, with_target=role == "train")
         failures += table_failures
         validated[role] = df
         if df is not None:
@@ -47,78 +50,166 @@ def run(cfg: DictConfig, raw: RawTable, raw_scoring: RawTable | None) -> tuple[d
     )
 
 
-def _check(dataset: DictConfig, checks: DictConfig, table: RawTable, with_target: bool):
+def _check(cfg: DictConfig, table: RawTable, with_target: bool):
     """The validated frame (or None) and the list of failures, one per column and check."""
     import pandera.errors as pe
 
-    df = table.df
-    source = table.source
+    dataset, checks = cfg.dataset, cfg.validate
+    df, source = table.df, table.source
     if len(df) < max(int(checks.min_rows), 1):
         message = ("the file has no data rows" if len(df) == 0
                    else f"{len(df)} data rows, fewer than validate.min_rows={checks.min_rows}")
         return None, [_failure(source, None, "min_rows", len(df), [], message)]
+    typed, missing, failures = _parse(dataset, df, source, with_target)
     schema = build_schema(dataset, with_target=with_target)
-    if checks.unique_id and dataset.get("id_column") in schema.columns:
-        schema.columns[dataset.id_column].unique = True
-    failures = _whole_numbers(dataset, df, source)
     try:
-        # inplace: coerce the raw frame rather than copy it (nothing reads it afterwards;
-        # a copy is as big as the data)
-        out = schema.validate(df, lazy=True, inplace=True)
+        # inplace: the frame is typed already (a copy is as big as the data)
+        schema.validate(typed, lazy=True, inplace=True)
     except pe.SchemaErrors as exc:
-        out = None
         int_columns = {c for c, spec in dataset.columns.items() if spec.type == "int"}
         failures += _failures_from(source, exc.failure_cases, int_columns)
     if not with_target and dataset.target in df.columns:
         failures = [f for f in failures if f["column"] != dataset.target] + [_failure(
             source, dataset.target, "target_absent_in_scoring", len(df), [],
             "scoring data must not contain the target column")]
-    beyond = _beyond_schema(dataset, checks, df, source, with_target)
-    # One cause, one line: an all-null column needs no "missing values" line as well.
-    all_null = {f["column"] for f in beyond if f["check"] == "not_all_null"}
-    failures = [f for f in failures
-                if not (f["check"] == "not_nullable" and f["column"] in all_null)] + beyond
-    return (out if not failures else None), failures
+    failures += _nulls_and_duplicates(cfg, typed, missing, source, with_target)
+    if with_target:
+        failures += _target_checks(cfg, typed, source)
+    return (typed if not failures else None), failures
 
 
-def _whole_numbers(dataset: DictConfig, df: pd.DataFrame, source: str) -> list[dict]:
-    """int columns read as float (1.5): pandas would truncate them silently when coercing."""
+def _parse(dataset: DictConfig, df: pd.DataFrame, source: str, with_target: bool):
+    """Each contract column read as its type (coerce.py), the cells the file leaves missing,
+    and the rows that cannot be read, shown with the file's own values."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    options = parse_options(dataset)
+    contract = {col: df[col] for col in df.columns if col in dataset.columns
+                and (with_target or col != dataset.target)}
+    specs = {col: (dataset.columns[col].type, bool(dataset.columns[col].get("nullable", False)),
+                   dataset.columns[col].get("format")) for col in contract}
+
+    def parse(col: str):
+        kind, nullable, date_format = specs[col]
+        return coerce.parse(contract[col], kind, nullable=nullable, date_format=date_format,
+                            **options)
+
+    # Columns parse independently, in arrow and numpy code that releases the GIL. Each
+    # typed column replaces its text in the raw frame as it comes (nothing reads the text
+    # afterwards; a typed copy of the whole table is as big as the data).
+    missing, failures = {}, []
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        columns = list(contract)
+        for col, (typed, missing[col], failed) in zip(columns, pool.map(parse, columns),
+                                                      strict=True):
+            for cause, mask in failed.items():
+                bad = contract[col][mask]
+                examples = [{"row": int(i), "value": _as_written(v)}
+                            for i, v in bad.head(EXAMPLES).items()]
+                failures.append(_failure(source, col, cause, len(bad), examples,
+                                         _parse_message(cause, dataset.columns[col], options,
+                                                        bad)))
+            df[col] = typed
+            del contract[col]  # its text can go
+    return df, missing, failures
+
+
+def _as_written(value):
+    """The file's value as the report shows it: text that is a number as Python writes it
+    (2.5, 13) is shown as that number, any other text (1e30, 2.50, soon) as the text."""
+    value = _plain(value)
+    if isinstance(value, str):
+        for number in (int, float):
+            try:
+                parsed = number(value)
+            except ValueError:
+                continue
+            if repr(parsed) == value and math.isfinite(parsed):
+                return parsed
+    return value
+
+
+def _parse_message(cause: str, spec: DictConfig, options: dict, bad: pd.Series) -> str:
+    if cause == coerce.WHOLE:
+        return "values are not whole numbers (type: int)"
+    if cause == coerce.INT64:
+        return "whole numbers outside the int64 range (type: int)"
+    if spec.type == "bool":
+        return (f"values of the wrong type (bool): not one of true_values "
+                f"{options['true_values']} or false_values {options['false_values']}")
+    if spec.type == "datetime":
+        fmt = spec.get("format")
+        return ("values of the wrong type (datetime): not dates in the format "
+                + (f"{fmt!r}" if fmt else "ISO 8601 (2024-01-31); set the column's format, "
+                   "e.g. format: '%d/%m/%Y'"))
+    hint = ""
+    spelled = sorted({v.strip() for v in bad if isinstance(v, str)} & NA_SPELLINGS)
+    if spelled:
+        hint = (f"; if {', '.join(map(repr, spelled))} means missing, list it in "
+                "dataset.na_values")
+    return f"values of the wrong type ({spec.type}){hint}"
+
+
+# Spellings of "missing" other tools write; pandas reads them as missing, trainpipe does
+# only when dataset.na_values says so (NA may be Namibia).
+NA_SPELLINGS = {"NA", "N/A", "n/a", "NaN", "nan", "null", "NULL", "None", "-", "?", "#N/A"}
+
+
+def _nulls_and_duplicates(cfg: DictConfig, typed: pd.DataFrame, missing: dict, source: str,
+                          with_target: bool) -> list[dict]:
+    """Missing values where the contract allows none, all-null columns and repeated values
+    of unique columns; from what the file says (a cell that failed to parse is no null)."""
+    dataset, checks = cfg.dataset, cfg.validate
     failures = []
-    for col, spec in dataset.columns.items():
-        if spec.type != "int" or col not in df or not pd.api.types.is_float_dtype(df[col]):
-            continue
-        s = df[col]
-        bad = s[s.notna() & np.isfinite(s) & (s % 1 != 0)]
-        if len(bad):
-            failures.append(_failure(source, col, "whole_number", len(bad), _examples(bad),
-                                     "values are not whole numbers (type: int)"))
+    for col, gaps in missing.items():
+        spec = dataset.columns[col]
+        is_target = with_target and col == dataset.target
+        if checks.all_null_columns and gaps.all():
+            # One cause, one line: no "missing values" line as well.
+            failures.append(_failure(source, col, "not_all_null", len(gaps), [],
+                                     "every value is missing"))
+        elif gaps.any() and (is_target or not spec.get("nullable", False)):
+            rows = typed.index[gaps]
+            failures.append(_failure(
+                source, col, "not_nullable", len(rows),
+                [{"row": int(i), "value": None} for i in rows[:EXAMPLES]],
+                "missing values (the target needs a value in every row)" if is_target
+                else "missing values (not nullable)"))
+        unique = spec.get("unique", False) or (checks.unique_id and col == dataset.id_column)
+        if unique:
+            values = typed[col]
+            repeated = values[values.duplicated(keep=False) & values.notna()]
+            if len(repeated):
+                failures.append(_failure(source, col, "field_uniqueness", len(repeated),
+                                         _examples(repeated, spec.type == "int")))
     return failures
 
 
-def _examples(bad: pd.Series) -> list[dict]:
-    return [{"row": int(i), "value": _plain(v)} for i, v in bad.head(EXAMPLES).items()]
+def _examples(bad: pd.Series, as_int: bool = False) -> list[dict]:
+    return [{"row": int(i), "value": _plain(v, as_int)} for i, v in bad.head(EXAMPLES).items()]
 
 
-def _beyond_schema(dataset: DictConfig, checks: DictConfig, df: pd.DataFrame, source: str,
-                   with_target: bool) -> list[dict]:
-    failures = []
-    if checks.all_null_columns:
-        for col in df.columns.intersection(list(dataset.columns)):
-            if df[col].isna().all():
-                failures.append(_failure(source, col, "not_all_null", len(df), [],
-                                         "every value is missing"))
+def _target_checks(cfg: DictConfig, typed: pd.DataFrame, source: str) -> list[dict]:
+    """The target has two classes (or varies) and enough rows of each class for the split."""
+    dataset = cfg.dataset
     target = dataset.target
-    if (checks.target_classes and with_target and target in df.columns
-            and df[target].notna().any()):
-        distinct = df[target].nunique()
-        if dataset.task != "regression" and distinct < 2:
-            only = _plain(df[target].dropna().iloc[0])
-            failures.append(_failure(source, target, "at_least_two_classes", len(df), [],
-                                     f"the target has a single class ({only!r})"))
-        elif dataset.task == "regression" and distinct < 2:
-            failures.append(_failure(source, target, "not_constant", len(df), [],
-                                     "the target is constant"))
-    return failures
+    if not cfg.validate.target_classes or target not in typed.columns:
+        return []
+    values = typed[target].dropna()
+    if values.empty:
+        return []
+    if values.nunique() < 2:
+        if dataset.task == "regression":
+            return [_failure(source, target, "not_constant", len(typed), [],
+                             "the target is constant")]
+        only = _plain(values.iloc[0])
+        return [_failure(source, target, "at_least_two_classes", len(typed), [],
+                         f"the target has a single class ({only!r})")]
+    problem = split.feasibility(cfg, values)
+    if problem is None:
+        return []
+    check, message = problem
+    return [_failure(source, target, check, len(values), [], message)]
 
 
 def _failures_from(source: str, cases: pd.DataFrame, int_columns: set[str]) -> list[dict]:
@@ -127,20 +218,10 @@ def _failures_from(source: str, cases: pd.DataFrame, int_columns: set[str]) -> l
     table_level = cases["schema_context"] == "DataFrameSchema"
     # For table-level checks (missing / unexpected columns) the culprit is the value.
     cases.loc[table_level, "column"] = cases.loc[table_level, "failure_case"].astype(str)
-    # One cause, one line: where a column's values failed to convert, its other checks ran
-    # on unconverted values (noise), and a null that cannot become an int is already
-    # reported by not_nullable.
-    check = cases["check"].astype(str)
-    # (a null that cannot become an int is no conversion failure: the values are fine)
-    coerce_failed = set(cases.loc[check.str.startswith("coerce_dtype")
-                                  & cases["failure_case"].notna(), "column"])
-    redundant = (cases["column"].isin(coerce_failed) & ~check.str.startswith("coerce_dtype")
-                 & (check != "not_nullable")) | (
-        check.str.startswith("coerce_dtype") & cases["failure_case"].isna())
     # inf is reported by the `finite` check; it need not fail the range checks again
+    check = cases["check"].astype(str)
     infinite = pd.to_numeric(cases["failure_case"], errors="coerce").abs() == np.inf
-    redundant |= infinite & check.str.contains("than")
-    cases = cases[~redundant]
+    cases = cases[~(infinite & check.str.contains("than"))]
     for (column, check), group in cases.groupby(["column", "check"], sort=False, dropna=False):
         as_int = column in int_columns  # a nullable int column is read as float: 13.0
         examples = [
@@ -152,7 +233,8 @@ def _failures_from(source: str, cases: pd.DataFrame, int_columns: set[str]) -> l
     return failures
 
 
-COLUMN_CHECKS = ("column_in_dataframe", "column_in_schema")  # about a column, not rows
+# about a column or the table, not rows: no row count shown
+COLUMN_CHECKS = ("column_in_dataframe", "column_in_schema", "rows_per_class", "rows_for_split")
 
 
 def _failure(source, column, check, count, examples, message=None) -> dict:
@@ -165,8 +247,6 @@ def _describe(check: str) -> str:
         return "column is missing from the data"
     if check == "column_in_schema":
         return "column is not in the dataset config (strict: true)"
-    if check.startswith("coerce_dtype") or check.startswith("dtype"):
-        return f"values of the wrong type ({check})"
     if check == "field_uniqueness":
         return "duplicate values (must be unique)"
     if check == "not_nullable":
@@ -175,9 +255,14 @@ def _describe(check: str) -> str:
 
 
 def _plain(value, as_int: bool = False):
-    if isinstance(value, float) and pd.isna(value):
+    """A value as the report shows it: a Python scalar, a list, a date as text."""
+    if value is None or value is pd.NA or (isinstance(value, float) and pd.isna(value)):
         return None
-    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, np.ndarray):  # a Parquet list cell
+        return value.tolist()
+    if isinstance(value, pd.Timestamp):
+        return str(value)
+    value = value.item() if isinstance(value, np.generic) else value
     if as_int and isinstance(value, float) and value.is_integer():
         return int(value)
     return value
