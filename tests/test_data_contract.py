@@ -230,6 +230,7 @@ name: toy_dates
 source: {source}
 task: binary
 target: label
+positive_class: 'yes'
 id_column: key
 columns:
   key:    {{type: int, min: 0}}

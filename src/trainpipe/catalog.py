@@ -54,7 +54,7 @@ class Codec:
     def dump(self, value, ctx: SaveContext) -> Files:
         raise NotImplementedError
 
-    def load(self, read: Read):
+    def load(self, read: Read, cfg: DictConfig | None = None):
         raise NotImplementedError
 
     def record(self, read: Read) -> tuple[dict[str, str], dict[str, float]]:
@@ -73,7 +73,7 @@ class Table(Codec):
     def dump(self, value: pd.DataFrame, ctx: SaveContext) -> Files:
         return {self.file: to_parquet_bytes(value)}
 
-    def load(self, read: Read) -> pd.DataFrame:
+    def load(self, read: Read, cfg: DictConfig | None = None) -> pd.DataFrame:
         return pd.read_parquet(io.BytesIO(read(self.file)))
 
 
@@ -89,7 +89,7 @@ class Tables(Codec):
     def dump(self, value: dict[str, pd.DataFrame], ctx: SaveContext) -> Files:
         return {f"{k}.parquet": to_parquet_bytes(value[k]) for k in self.keys}
 
-    def load(self, read: Read) -> dict[str, pd.DataFrame]:
+    def load(self, read: Read, cfg: DictConfig | None = None) -> dict[str, pd.DataFrame]:
         return {k: pd.read_parquet(io.BytesIO(read(f"{k}.parquet"))) for k in self.keys}
 
 
@@ -100,7 +100,7 @@ class Pickle(Codec):
     def dump(self, value, ctx: SaveContext) -> Files:
         return {self.file: pickle.dumps(value)}
 
-    def load(self, read: Read):
+    def load(self, read: Read, cfg: DictConfig | None = None):
         return pickle.loads(read(self.file))
 
 
@@ -115,7 +115,7 @@ class Json(Codec):
     def dump(self, value: dict, ctx: SaveContext) -> Files:
         return {self.file: json.dumps(value, indent=2, default=str).encode()}
 
-    def load(self, read: Read) -> dict:
+    def load(self, read: Read, cfg: DictConfig | None = None) -> dict:
         try:
             return json.loads(read(self.file))
         except ValueError as exc:
@@ -147,9 +147,14 @@ class MlflowModel(Codec):
     def provides(self) -> dict[str, Callable[[Read], Any]]:
         return {self.uri_output: self.uri}
 
-    def load(self, read: Read):
+    def load(self, read: Read, cfg: DictConfig | None = None):
+        """The model, from the tracking store it was logged to (cfg's tracking.uri)."""
         import mlflow.sklearn
 
+        from trainpipe.config import tracking_uri
+
+        if cfg is not None:
+            mlflow.set_tracking_uri(tracking_uri(cfg))
         return mlflow.sklearn.load_model(self.uri(read))
 
     def uri(self, read: Read) -> str:
@@ -242,8 +247,10 @@ class Catalog:
             raise DamagedOutput(self.url(step), "it is not published")
         if codec.optional and not set(codec.names()) & set(manifest["files"]):
             return None
-        load = codec.provides().get(name, codec.load)
-        return load(lambda file: self.read(step, file, manifest))
+        read = lambda file: self.read(step, file, manifest)  # noqa: E731
+        if name in codec.provides():
+            return codec.provides()[name](read)
+        return codec.load(read, self.cfg)
 
     def codec(self, name: str) -> Codec | None:
         """The codec that stores an output (or provides it from its files); None for an

@@ -14,11 +14,17 @@ imports nothing from trainpipe and nothing beyond numpy, pandas and pyarrow.
 
 import datetime
 import numbers
+import sys
 
+import cloudpickle
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+
+# The model's first step calls to_contract_types: whichever process pickles the model (the
+# tracker logs it), this module's code goes into the pickle, not a reference to trainpipe.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 NA_VALUES = ("",)  # what a missing cell looks like unless dataset.na_values says otherwise
 TRUE_VALUES = ("true", "1", "yes")  # bool spellings, compared case-insensitively

@@ -6,7 +6,6 @@ trainpipe.coerce and trainpipe.expressions stored by value in the pickle, so the
 model needs nothing from trainpipe to load.
 """
 
-import cloudpickle
 import pandas as pd
 from omegaconf import DictConfig
 
@@ -18,9 +17,6 @@ from trainpipe.steps import Report
 
 ZONE = "features"
 OUTPUTS = {"transformer": Pickle("transformer.pkl"), "features": Tables(("train", "val", "test"))}
-
-# The model's first step calls coerce.to_contract_types: pickle its code into the model.
-cloudpickle.register_pickle_by_value(coerce)
 
 
 def contract_types(cfg: DictConfig):
