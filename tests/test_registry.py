@@ -215,6 +215,7 @@ def test_register_gate_promote_and_rollback(demo_lake):
     line = (f"kept champion version 1: test_roc_auc {worse['metrics.test_roc_auc']:.4f} < "
             f"{first['metrics.test_roc_auc']:.4f}")
     assert line in " ".join(result.output.split())
+    assert "another split" not in result.output  # the champion's own test rows
     assert worse["tags.trainpipe.gate"] == "failed"
     assert worse["tags.trainpipe.gate.decision"] == line
     tags = versions(folder)
@@ -283,6 +284,12 @@ def test_register_gate_promote_and_rollback(demo_lake):
     assert f"roc_auc {first['metrics.test_roc_auc']:.4f}" in text
     assert "champion: version 1, set " in text and "rollback from version 2: alerts" in text
     assert "challenger: version 2" in text
+
+    # 8. another seed, another test split: the champion may have trained on these rows
+    result = invoke(folder, "run", *FAST, "seed=7")
+    assert result.exit_code == 0, result.output
+    assert ("(champion version 1 came from another split: it may have trained on some of "
+            "these rows)") in " ".join(result.output.split())
 
 
 def test_registry_commands_name_what_is_wrong(demo_lake):

@@ -162,16 +162,17 @@ class Registry:
             self.client.set_model_version_tag(version.name, str(version.version), key,
                                               redact_text(str(value)))
 
-    def move(self, version: Version, alias: str, move: Move) -> Version | None:
-        """Give `alias` to `version`, recording who, when and why; return the version that
-        held it before (None if none, or `version` itself)."""
+    def move(self, version: Version, alias: str, move: Move,
+             tags: dict[str, str] | None = None) -> Version | None:
+        """Give `alias` to `version`, recording who, when and why (and `tags`) on it; return
+        the version that held it before (None if none, or `version` itself: nothing moves)."""
         before = self.holder(version.name, alias)
         if before is not None and before.version == version.version:
             return None
         self.client.set_registered_model_alias(version.name, alias, str(version.version))
         self.set_tags(version, {f"trainpipe.{alias}.set_by": move.who,
                                 f"trainpipe.{alias}.set_at": move.when,
-                                f"trainpipe.{alias}.why": move.why})
+                                f"trainpipe.{alias}.why": move.why, **(tags or {})})
         if alias == CHAMPION and before is not None:
             self.set_tags(before, {"trainpipe.champion.unset_by": move.who,
                                    "trainpipe.champion.unset_at": move.when,
@@ -179,14 +180,19 @@ class Registry:
                                                                    f"became champion: {move.why}"})
         return before
 
+    def crown(self, version: Version, champion: Version | None, why: str) -> None:
+        """`version` becomes the champion, after `champion` (the current one, or None); it
+        keeps which one that was, for `rollback`."""
+        self.move(version, CHAMPION, Move(why),
+                  {PREVIOUS: str(champion.version) if champion else NONE})
+
     def promote(self, name: str, version: int | str, why: str) -> tuple[Version, Version | None]:
         """`version` becomes the champion: (the new champion, the one before it)."""
         target = self.version(name, version)
         before = self.holder(name, CHAMPION)
         if before is not None and before.version == target.version:
             raise ConfigError(f"version {target.version} of {name} is the champion already")
-        self.set_tags(target, {PREVIOUS: str(before.version) if before else NONE})
-        self.move(target, CHAMPION, Move(why))
+        self.crown(target, before, why)
         return target, before
 
     def rollback(self, name: str, why: str) -> tuple[Version, Version]:

@@ -207,7 +207,7 @@ def run(cfg: DictConfig, model_uri: str, metrics: dict[str, float],
                       and champion.tags.get(TEST_ROWS) not in (None, test_rows))
     after = champion.version if champion else None
     if decision.passed and after != version.version:
-        registry.promote(name, version.version, f"gate passed in {by_run}: {decision.line}")
+        registry.crown(version, champion, f"gate passed in {by_run}: {decision.line}")
         after = version.version
     verdict = "passed" if decision.passed else "failed"
     reasons = shorten("; ".join(decision.reasons), TAG_LIMIT)
