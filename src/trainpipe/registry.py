@@ -118,10 +118,21 @@ class Registry:
 
     def load(self, version: Version):
         """The version's scikit-learn pipeline (raw rows in, predictions out); a ValueError
-        when the version is no scikit-learn model."""
+        when the version is no scikit-learn model, a ConfigError when its files are behind
+        a tracking server this store is not."""
         import mlflow.sklearn
         from mlflow.exceptions import MlflowException
 
+        if version.source.startswith("models:/m-") and not self.uri.startswith(
+                ("http://", "https://")):
+            model = self.client.get_logged_model(version.source.removeprefix("models:/"))
+            if str(model.artifact_location).startswith("mlflow-artifacts:"):
+                raise ConfigError(
+                    f"version {version.version} of {version.name} keeps its files behind an "
+                    f"MLflow tracking server ({model.artifact_location}), and this run's "
+                    f"tracking.uri {redact_uri(self.uri)} is not that server: run with the "
+                    "server's URI (tracking=server) to compare with it, or register under "
+                    "another registry.name")
         try:
             return mlflow.sklearn.load_model(version.uri)
         except MlflowException as exc:

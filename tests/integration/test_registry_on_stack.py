@@ -68,6 +68,22 @@ def test_register_and_the_champion_on_the_stack(server, database, moto, aws_env,
     assert version_tags(database, 1)["trainpipe.champion.why"].startswith(
         "rollback from version 2")
 
+    # Straight on the database, the champion's files (behind the server) are out of reach:
+    # said before anything is registered, and no champion moves.
+    direct = trainpipe("run", "lake=s3", f"lake.root=s3://{LAKE_BUCKET}/registry",
+                       f"tracking.uri={database.uri}", "tracking.experiment=registry-direct",
+                       f"registry.name={NAME}", "model.params.n_estimators=5", cwd=tmp_path,
+                       env=env)
+    assert direct.returncode == 2, direct.stdout + direct.stderr
+    assert (f"error: version 1 of {NAME} keeps its files behind an MLflow tracking server "
+            "(mlflow-artifacts:/") in " ".join(direct.stderr.split())
+    assert "is not that server: run with the server's URI (tracking=server)" in " ".join(
+        direct.stderr.split())
+    assert database.uri.split("@")[0].split(":")[-1] not in direct.stdout + direct.stderr
+    assert aliases(database)["champion"] == 1
+    assert database.query("select count(*) from model_versions where name = %s",
+                          (NAME,)) == [(2,)]
+
     # The champion is what `models:/NAME@champion` loads, through the server.
     mlflow.set_tracking_uri(server.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")

@@ -191,16 +191,17 @@ def run(cfg: DictConfig, model_uri: str, metrics: dict[str, float],
     run_id = pipeline_run_id()
     by_run = f"pipeline run {run_id}" if run_id else "trainpipe"
     test_rows = rows_digest(splits["test"])
+    # The champion first: a champion out of reach stops the step before it registers.
+    champion = registry.holder(name, CHAMPION)
+    champion_scores, problem = None, None
+    if champion is not None and champion.source != model_uri and criteria.beat_champion:
+        champion_scores, problem = score(registry, champion, cfg, splits["test"])
     version, made = registry.register(name, model_uri, {
         "trainpipe.dataset": cfg.dataset.name, "trainpipe.task": cfg.dataset.task,
         "trainpipe.target": cfg.dataset.target, "trainpipe.model": cfg.model.name,
         "trainpipe.registered_by": by_run, TEST_ROWS: test_rows})
     registry.move(version, CHALLENGER, Move(f"registered by {by_run}"))
-    champion = registry.holder(name, CHAMPION)
     scores = {k: float(v) for k, v in metrics.items() if k.startswith("test_")}
-    champion_scores, problem = None, None
-    if champion is not None and champion.version != version.version and criteria.beat_champion:
-        champion_scores, problem = score(registry, champion, cfg, splits["test"])
     decision = decide(name, version.version, scores, criteria,
                       champion.version if champion else None, champion_scores, problem,
                       other_split=champion is not None
