@@ -148,6 +148,7 @@ RegistryWords = Annotated[list[str] | None, typer.Argument(
     "the store, e.g. tracking=server or tracking.uri=sqlite:///mlflow.db")]
 Reason = Annotated[str | None, typer.Option("--reason", help="Why: recorded on the version "
                                             "with who and when.")]
+COUNTS = {"test_tn", "test_fp", "test_fn", "test_tp"}  # in the gate report, not the list
 
 
 @registry_app.command("list")
@@ -178,19 +179,15 @@ def registry_list(words: RegistryWords = None, config_dir: ConfigDir = None,
                       "  ".join(f"{m.removeprefix('test_')} {metrics[v.version][m]:.4f}"
                                 for m in shown))
     out.print(table)
-    for v in versions:
+    for v in versions:  # who moved each alias there, when and why
         for alias in v.aliases:
-            tags = v.tags
-            if f"trainpipe.{alias}.set_at" in tags:
-                out.print(f"  {alias}: version {v.version}, set {tags[f'trainpipe.{alias}.set_at']}"
-                          f" by {tags.get(f'trainpipe.{alias}.set_by', '?')}: "
-                          f"{tags.get(f'trainpipe.{alias}.why', '')}", highlight=False,
-                          soft_wrap=True)
+            when, who, why = (v.tags.get(f"trainpipe.{alias}.{k}") for k in ("set_at", "set_by",
+                                                                            "why"))
+            if when:
+                out.print(f"  {alias}: version {v.version}, set {when} by {who}: {why}",
+                          highlight=False, soft_wrap=True)
     if not versions:
         out.print("  no versions")
-
-
-COUNTS = {"test_tn", "test_fp", "test_fn", "test_tp"}  # in the gate report, not the list
 
 
 @registry_app.command("promote")
