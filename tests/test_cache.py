@@ -162,9 +162,9 @@ def test_inspect_and_clean(demo_lake):
     assert result.exit_code == 0, result.output
     for step in STEPS[1:]:
         assert step in result.stdout
-    assert result.stdout.count("published") == 5
+    assert result.stdout.count("published") == 6
     result = invoke(folder, "inspect", "model.params.n_estimators=99")
-    assert result.stdout.count("published") == 3 and result.stdout.count("missing") == 2
+    assert result.stdout.count("published") == 3 and result.stdout.count("missing") == 3
 
     train_outputs = folder / "lake/models/hotel_bookings/train"
     assert len(list(train_outputs.iterdir())) == 3

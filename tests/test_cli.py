@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import FAST, HOTEL, REPO, runs, trainpipe
 from trainpipe import demo
 
-STEPS = ["ingest", "validate", "split", "features", "train", "evaluate"]
+STEPS = ["ingest", "validate", "split", "features", "train", "evaluate", "register"]
 
 
 def pipeline_runs(df: pd.DataFrame) -> pd.DataFrame:

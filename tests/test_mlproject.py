@@ -32,7 +32,7 @@ def test_mlflow_run_main_and_a_single_step(demo_lake):
     assert parent["params.seed"] == "3"
     assert parent["tags.mlflow.project.entryPoint"] == "main"
     assert parent["tags.trainpipe.git_commit"]  # the project is a git checkout
-    assert (df["tags.mlflow.parentRunId"] == parent["run_id"]).sum() == 6
+    assert (df["tags.mlflow.parentRunId"] == parent["run_id"]).sum() == 7  # one per step
 
     result = mlflow_run(demo_lake, "-e", "validate", "-P", f"overrides=lake.root={lake}")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,7 +1,9 @@
-"""The command line: `trainpipe run`, `trainpipe step NAME`, `trainpipe data demo`.
+"""The command line: `trainpipe run`, `trainpipe step NAME`, `trainpipe registry`,
+`trainpipe data demo`, `trainpipe stack`.
 
 Exit codes: 0 success, 1 unexpected error, 2 usage or config error (also a missing or
-unreadable source), 3 data validation failed, 130 interrupted.
+unreadable source), 3 data validation failed, 4 the gate kept the champion and
+registry.require_promotion=true, 130 interrupted.
 """
 
 import gc
@@ -11,9 +13,20 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-from trainpipe.errors import Interrupted, TrainpipeError
+from trainpipe.errors import GateFailed, Interrupted, TrainpipeError
 from trainpipe.redaction import redact_text
+
+
+class _ListByDefault(TyperGroup):
+    """`trainpipe registry [NAME]` is `trainpipe registry list [NAME]`."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] != "--help"):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Raw tabular data in a lake to a validated, tracked model.")
@@ -22,6 +35,10 @@ app.add_typer(data_app, name="data")
 stack_app = typer.Typer(no_args_is_help=True, help="The local production-like stack: "
                         "PostgreSQL + MLflow tracking server (artifacts to S3 or a folder).")
 app.add_typer(stack_app, name="stack")
+registry_app = typer.Typer(
+    cls=_ListByDefault, help="The MLflow Model Registry: `trainpipe registry [NAME]` lists "
+    "the versions; promote and rollback move the champion by hand.")
+app.add_typer(registry_app, name="registry")
 StackFolder = Annotated[str, typer.Option("--folder", help="Where the stack keeps its state "
                                           "and data.")]
 out = Console()
@@ -40,7 +57,7 @@ ConfigDir = Annotated[str | None, typer.Option("--config-dir", help="A folder of
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks for every error.")]
 Force = Annotated[bool, typer.Option("--force", help="Ignore the cache: redo every step run.")]
 StepName = Annotated[str, typer.Argument(help="ingest | validate | split | features | train | "
-                                         "evaluate")]
+                                         "evaluate | register")]
 
 
 @app.command()
@@ -49,8 +66,8 @@ def run(overrides: Overrides = None, multirun: Multirun = False, cfg: PrintCfg =
         first: Annotated[str | None, typer.Option("--from", help="First step to run.")] = None,
         last: Annotated[str | None, typer.Option("--to", help="Last step to run.")] = None,
         overrides_text: OverridesText = None) -> None:
-    """Run the pipeline: ingest, validate, split, features, train, evaluate. Steps whose
-    output is already published (same data, code and config) are reused, not redone."""
+    """Run the pipeline: ingest, validate, split, features, train, evaluate, register. Steps
+    whose output is already published (same data, code and config) are reused, not redone."""
     _execute((first, last), _overrides(overrides, overrides_text), multirun, cfg, config_dir,
              verbose, force)
 
@@ -155,6 +172,100 @@ def data_demo(rows: Annotated[int, typer.Option(min=1, help="Number of rows.")] 
     df = demo.hotel_bookings(rows=rows, seed=seed)
     lake.write_file(out_url, df.to_csv(index=False).encode())
     out.print(f"wrote {len(df):,} rows to {out_url}")
+
+
+RegistryWords = Annotated[list[str] | None, typer.Argument(
+    help="NAME (default: registry.name, i.e. the dataset's name) and Hydra overrides naming "
+    "the store, e.g. tracking=server or tracking.uri=sqlite:///mlflow.db")]
+Reason = Annotated[str | None, typer.Option("--reason", help="Why: recorded on the version "
+                                            "with who and when.")]
+COUNTS = {"test_tn", "test_fp", "test_fn", "test_tp"}  # in the gate report, not the list
+
+
+@registry_app.command("list")
+def registry_list(words: RegistryWords = None, config_dir: ConfigDir = None,
+                  verbose: Verbose = False) -> None:
+    """The versions of a registered model, newest first: aliases, source run, gate, test
+    metrics."""
+    from trainpipe.steps.evaluate import PRIMARY
+
+    try:
+        registry, cfg, [name] = _registry(words, config_dir, ["NAME"], optional=True)
+        name = name or str(cfg.registry.name)
+        versions = registry.versions(name)
+        metrics = {v.version: registry.test_metrics(v) for v in versions}
+    except TrainpipeError as exc:
+        _fail(exc, verbose)
+    out.print(f"[bold]{name}[/] · tracking {redact_text(registry.uri)}", highlight=False,
+              soft_wrap=True)
+    table = Table(show_edge=False)
+    for col in ("version", "aliases", "registered (UTC)", "source run", "gate", "test metrics"):
+        table.add_column(col, overflow="fold")
+    for v in versions:
+        primary = f"test_{PRIMARY.get(v.tags.get('trainpipe.task'), ('', True))[0]}"
+        shown = sorted((m for m in metrics[v.version] if m not in COUNTS),
+                       key=lambda m: (m != primary, m))[:3]  # all: in the gate report
+        table.add_row(str(v.version), ", ".join(v.aliases), f"{v.created:%Y-%m-%d %H:%M}",
+                      v.run_id or "", v.tags.get("trainpipe.gate", ""),
+                      "  ".join(f"{m.removeprefix('test_')} {metrics[v.version][m]:.4f}"
+                                for m in shown))
+    out.print(table)
+    for v in versions:  # who moved each alias there, when and why
+        for alias in v.aliases:
+            when, who, why = (v.tags.get(f"trainpipe.{alias}.{k}") for k in ("set_at", "set_by",
+                                                                            "why"))
+            if when:
+                out.print(f"  {alias}: version {v.version}, set {when} by {who}: {why}",
+                          highlight=False, soft_wrap=True)
+    if not versions:
+        out.print("  no versions")
+
+
+@registry_app.command("promote")
+def registry_promote(name: Annotated[str, typer.Argument(help="The registered model.")],
+                     version: Annotated[int, typer.Argument(help="The version to promote.")],
+                     overrides: Overrides = None, reason: Reason = None,
+                     config_dir: ConfigDir = None, verbose: Verbose = False) -> None:
+    """Make VERSION the champion of NAME, whatever the gate said (recorded: who, when, why)."""
+    try:
+        registry, _, _ = _registry(overrides, config_dir, [])
+        new, before = registry.promote(name, version, reason or "promoted by hand "
+                                       "(trainpipe registry promote, no --reason given)")
+    except TrainpipeError as exc:
+        _fail(exc, verbose)
+    was = f"version {before.version}" if before else "none"
+    out.print(f"champion of {name}: version {new.version} (was {was})", highlight=False)
+
+
+@registry_app.command("rollback")
+def registry_rollback(name: Annotated[str, typer.Argument(help="The registered model.")],
+                      overrides: Overrides = None, reason: Reason = None,
+                      config_dir: ConfigDir = None, verbose: Verbose = False) -> None:
+    """Give the champion alias back to the version that held it before the current one."""
+    try:
+        registry, _, _ = _registry(overrides, config_dir, [])
+        new, before = registry.rollback(name, reason or "no --reason given")
+    except TrainpipeError as exc:
+        _fail(exc, verbose)
+    out.print(f"champion of {name}: version {new.version} (rolled back from version "
+              f"{before.version})", highlight=False)
+
+
+def _registry(words: list[str] | None, config_dir: str | None, names: list[str],
+              optional: bool = False):
+    """The registry of the store the config names, the config, and the positional words
+    (those without '=') that `names` asks for; the rest are overrides."""
+    from trainpipe import config
+    from trainpipe.errors import ConfigError
+    from trainpipe.registry import Registry
+
+    words = words or []
+    positional = [w for w in words if "=" not in w]
+    if len(positional) > len(names) or (len(positional) < len(names) and not optional):
+        raise ConfigError(f"expected {' '.join(names) or 'no name'}, then overrides "
+                          f"(key=value); got {' '.join(positional)}")
+    cfg = config.compose([w for w in words if "=" in w], config_dir)
+    return Registry(cfg), cfg, positional + [None] * (len(names) - len(positional))
 
 
 @stack_app.command("up")
@@ -277,6 +388,13 @@ def _run_one(cfg, overrides, span, force, verbose, tracker) -> int:
             err.print("[yellow]interrupted[/]: runs marked KILLED")
             return 130
         return _report_error(result.error, verbose)
+    if cfg.registry.require_promotion and result.tags.get("trainpipe.gate") == "failed":
+        # also when up to date: the published registration says what the gate decided
+        name = result.tags.get("trainpipe.registered_model")
+        version = result.tags.get("trainpipe.registered_version")
+        return _report_error(GateFailed(
+            f"version {version} of {name} (registry.require_promotion=true): "
+            f"{result.tags.get('trainpipe.gate.decision', '')}"), verbose)
     return 0
 
 
@@ -306,6 +424,9 @@ def _summary(cfg, result) -> None:
         out.print(f"  model       {result.tags['trainpipe.model_uri']}")
     if result.made_by:
         out.print(f"  made by run {result.made_by}")
+    if result.up_to_date and "trainpipe.gate.decision" in result.tags:
+        out.print(f"  gate        {result.tags['trainpipe.gate.decision']}", highlight=False,
+                  soft_wrap=True)
     # soft_wrap: a command to copy must stay on one line, whatever the terminal's width
     uri = redact_uri(tracking_uri(cfg))
     hint = f"open {uri}" if uri.startswith(("http://", "https://")) else (
@@ -320,7 +441,7 @@ def _report_error(exc: BaseException, verbose: bool) -> int:
         err.print(redact_text("".join(traceback.format_exception(exc))), markup=False,
                   highlight=False)
     code = exc.exit_code if isinstance(exc, TrainpipeError) else 1
-    kind = {2: "error", 3: "invalid data"}.get(code, "failed")
+    kind = {2: "error", 3: "invalid data", 4: "not promoted"}.get(code, "failed")
     err.print(f"[red bold]{kind}[/]: ", end="")
     # soft_wrap: paths and values stay whole, to copy and to grep
     err.print(redact_text(str(exc)), markup=False, highlight=False, soft_wrap=True)

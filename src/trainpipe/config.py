@@ -133,10 +133,16 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "model.preprocessing.scale_numeric": (bool, lambda v: True, "true or false"),
     "model.preprocessing.categorical_encoding": (str, lambda v: v in ("onehot", "ordinal"),
                                                  "onehot or ordinal"),
+    "registry.name": (str, lambda v: PLAIN_NAME.fullmatch(v) is not None, PLAIN_NAME_RULE),
+    "registry.require_promotion": (bool, lambda v: True, "true or false"),
+    "registry.gate.beat_champion": (bool, lambda v: True, "true or false"),
+    "registry.gate.min_delta": (float, lambda v: v >= 0, "a number, 0 or more"),
 }
-GROUPS = {"dataset", "model", "lake", "tracking", "split", "validate", "evaluate"}
+GROUPS = {"dataset", "model", "lake", "tracking", "split", "validate", "evaluate", "registry"}
 SECTIONS = {"model": {"name", "_target_", "preprocessing", "params"},
-            "model.preprocessing": {"scale_numeric", "categorical_encoding"}}
+            "model.preprocessing": {"scale_numeric", "categorical_encoding"},
+            "registry": {"name", "require_promotion", "gate"},
+            "registry.gate": {"metrics", "beat_champion", "min_delta"}}
 
 
 def check(cfg: DictConfig) -> None:
@@ -160,6 +166,7 @@ def check(cfg: DictConfig) -> None:
         if typed is None or not rule(typed):
             raise ConfigError(f"{key}={value!r}: must be {meaning}")
     _check_positive_class(cfg.dataset)
+    _check_gate_bounds(cfg)
     val, test = float(cfg.split.val_size), float(cfg.split.test_size)
     if val + test >= 1:
         raise ConfigError(f"split.val_size={val}, split.test_size={test}: together they must "
@@ -175,6 +182,30 @@ def _check_positive_class(dataset: DictConfig) -> None:
     from trainpipe.steps.evaluate import positive_class
 
     positive_class(dataset, list(values))  # ConfigError naming the key and the labels
+
+
+def _check_gate_bounds(cfg: DictConfig) -> None:
+    """`registry.gate.metrics`: test metric -> {min: x, max: y} (which metrics a task has
+    is checked by the register step before it runs)."""
+    key = "registry.gate.metrics"
+    bounds = OmegaConf.select(cfg, key, default=None)
+    if bounds is None:
+        return
+    example = "e.g. {test_roc_auc: {min: 0.85}}"
+    if not isinstance(bounds, DictConfig):
+        raise ConfigError(f"{key}={bounds!r}: must be test metrics with bounds, {example}")
+    for metric, bound in bounds.items():
+        where = f"{key}.{metric}"
+        if not str(metric).startswith("test_"):
+            raise ConfigError(f"{where}: the gate reads test metrics (test_...), {example}")
+        if not isinstance(bound, DictConfig) or not bound:
+            raise ConfigError(f"{where}={bound!r}: must be {{min: x}}, {{max: y}} or both")
+        _check_known(where + ".", set(bound), {"min", "max"})
+        for side, value in bound.items():
+            if _typed(value, float) is None:
+                raise ConfigError(f"{where}.{side}={value!r}: must be a number")
+        if "min" in bound and "max" in bound and bound["min"] > bound["max"]:
+            raise ConfigError(f"{where}: min {bound['min']} is above max {bound['max']}")
 
 
 def _typed(value: Any, kind: type) -> Any:

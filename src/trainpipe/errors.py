@@ -29,5 +29,11 @@ class DataValidationError(TrainpipeError):
         self.report = report  # a steps.Report to record on the failed step's run
 
 
+class GateFailed(TrainpipeError):
+    """The registry gate kept the champion and `registry.require_promotion` is true."""
+
+    exit_code = 4
+
+
 class Interrupted(BaseException):  # noqa: N818 - a BaseException like KeyboardInterrupt
     """SIGTERM arrived: unwind like Ctrl-C so every run ends KILLED."""

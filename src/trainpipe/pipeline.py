@@ -1,6 +1,6 @@
 """The pipeline: its steps in order, and the loop that runs them as MLflow runs.
 
-    raw zone ─▶ ingest ─▶ validate ─▶ split ─▶ features ─▶ train ─▶ evaluate
+    raw zone ─▶ ingest ─▶ validate ─▶ split ─▶ features ─▶ train ─▶ evaluate ─▶ register
 
 Before anything runs, every step gets its fingerprint (see cache.py). A step whose
 output is already published under its fingerprint is reused, not run again; so a re-run
@@ -23,7 +23,7 @@ from trainpipe import cache, demo, lake
 from trainpipe.catalog import Catalog, outputs, stored
 from trainpipe.errors import ConfigError, Interrupted
 from trainpipe.lake import DamagedOutput
-from trainpipe.steps import evaluate, features, ingest, split, train, validate
+from trainpipe.steps import evaluate, features, ingest, register, split, train, validate
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ STEPS = (
                                                                  *DATASET)),
     Step("evaluate", evaluate, ("model", "features"), ("evaluate", "dataset.positive_class",
                                                         *DATASET)),
+    # The registry lives in the tracking store. registry.require_promotion is left out: it
+    # changes the exit code, not what is registered.
+    Step("register", register, ("model_uri", "metrics", "splits"),
+         ("registry.name", "registry.gate", "tracking.uri", "dataset.positive_class", *DATASET)),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)
 PRODUCER = {output: step.name for step in STEPS for output in step.outputs}

@@ -18,7 +18,7 @@ from integration_support import (
 
 from trainpipe import demo
 
-STEPS = {"ingest", "validate", "split", "features", "train", "evaluate"}
+STEPS = {"ingest", "validate", "split", "features", "train", "evaluate", "register"}
 
 
 def load_and_predict(server, model_uri: str):
@@ -38,7 +38,7 @@ def test_run_on_the_stack(server, database, moto, aws_env, tmp_path):
 
     # The runs are rows in PostgreSQL: one parent, one child per step, all FINISHED.
     runs = runs_of(database, "e2e")
-    assert len(runs) == 7 and {r["status"] for r in runs} == {"FINISHED"}
+    assert len(runs) == 8 and {r["status"] for r in runs} == {"FINISHED"}
     (parent,) = [r for r in runs if r["tags"].get("trainpipe.kind") == "pipeline"]
     assert {r["tags"].get("trainpipe.step") for r in runs if r is not parent} == STEPS
     params = dict(database.query("select key, value from params where run_uuid = %s",
@@ -92,14 +92,14 @@ def test_two_pipelines_at_once(server, database, moto, aws_env, tmp_path):
 
     runs = runs_of(database, "twice")
     parents = [r for r in runs if r["tags"].get("trainpipe.kind") == "pipeline"]
-    assert len(parents) == 2 and len(runs) == 14
+    assert len(parents) == 2 and len(runs) == 16
     assert {r["status"] for r in runs} == {"FINISHED"}
     ids = {r["run_id"] for r in runs}
     for parent in parents:
         children = database.query(
             "select run_uuid from tags where key = 'mlflow.parentRunId' and value = %s",
             (parent["run_id"],))
-        assert len(children) == 6 and {c for (c,) in children} <= ids
+        assert len(children) == 7 and {c for (c,) in children} <= ids
     model_uris = {p["tags"]["trainpipe.model_uri"] for p in parents}
     assert len(model_uris) == 2  # two models, neither overwrote the other
     for uri in model_uris:

@@ -48,8 +48,10 @@ def test_no_secret_reaches_anything(server, database, moto, aws_env, tmp_path):
     assert via_server.returncode == 0, via_server.stdout + via_server.stderr
     outputs.append(via_server)
     # 2. straight on the database, the password in tracking.uri (params, tags, summary)
+    # (a registry of its own: the first run's champion keeps its files behind the server)
     direct = trainpipe("run", f"tracking.uri={database.uri}", "tracking.experiment=direct",
-                       *common, "--force", cwd=tmp_path, env=run_env(server, aws_env))
+                       "registry.name=direct", *common, "--force", cwd=tmp_path,
+                       env=run_env(server, aws_env))
     assert direct.returncode == 0, direct.stdout + direct.stderr
     outputs.append(direct)
     # 3. failures, with the secrets in reach of the error messages
@@ -165,8 +167,9 @@ def test_passwords_with_a_raw_at_or_slash_are_never_shown(server, database, moto
         assert via_server.returncode == 0, via_server.stdout + via_server.stderr
         assert f"http://bob:{MASK}@{host}" in via_server.stdout
         direct = trainpipe("run", f"tracking.uri=postgresql://{role}:{slash_password}@{pg_host}"
-                           f"/{database.name}", "tracking.experiment=raw-slash", *common,
-                           cwd=tmp_path, env=run_env(server, aws_env))
+                           f"/{database.name}", "tracking.experiment=raw-slash",
+                           "registry.name=raw-slash", *common, cwd=tmp_path,
+                           env=run_env(server, aws_env))
         assert direct.returncode == 0, direct.stdout + direct.stderr
         assert f"postgresql://{role}:{MASK}@{pg_host}/{database.name}" in direct.stdout
     finally:
