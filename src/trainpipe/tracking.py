@@ -91,6 +91,15 @@ class Tracking:
             yield run_id
 
     @contextmanager
+    def command_run(self, name: str, tags: dict[str, str]) -> Iterator[str]:
+        """The run of a command outside the pipeline (`trainpipe predict`), in the configured
+        experiment; it ends FINISHED, FAILED or KILLED like every run."""
+        self.experiment_id = mlflow.set_experiment(self.experiment).experiment_id
+        tags = {"trainpipe.version": trainpipe.__version__, **tags}
+        with self._ended_run(name, tags | _source_tags() | _process_tags()) as run_id:
+            yield run_id
+
+    @contextmanager
     def step_run(self, name: str, fingerprint: str) -> Iterator[str]:
         tags = {"trainpipe.step": name, "trainpipe.fingerprint": fingerprint, **_process_tags()}
         tags["mlflow.parentRunId"] = mlflow.active_run().info.run_id
@@ -177,7 +186,7 @@ class Tracking:
                 source_type, source_json = resolved._get_source_type(), resolved.to_json()
             except Exception:  # noqa: BLE001 - a URL scheme MLflow has no source type for
                 source_type, source_json = "url", json.dumps({"url": url})
-            profile = {"sha256": source.digest, "bytes": len(source.data),
+            profile = {"sha256": source.digest, "bytes": source.size,
                        "format": source.format}
             dataset = Dataset(cfg.dataset.name, source.digest[:32], source_type, source_json,
                               None, json.dumps(profile))
@@ -204,6 +213,7 @@ class Tracking:
         if extra and extra not in packages:
             packages.append(extra)
         params = OmegaConf.to_container(self.cfg.model.get("params") or {}, resolve=True)
+        _predict_on_one_thread(estimator)
         info = mlflow.sklearn.log_model(
             model,
             name=f"{self.cfg.dataset.name}-{self.cfg.model.name}",
@@ -228,6 +238,15 @@ class Tracking:
             for name, content in files.items():
                 (Path(tmp) / name).write_bytes(content)
             self.client.log_artifacts(run_id, tmp)
+
+
+def _predict_on_one_thread(estimator) -> None:
+    """A model predicts on one thread once fitted (`n_jobs` applies to the fit). Served, it
+    predicts a few rows per request, and a pool of threads started for every predict
+    (`n_jobs=-1`) costs more than the prediction: one row through a 200-tree forest takes
+    ~35 ms that way, ~6 ms on one thread (bench/RESULTS.md, serve)."""
+    if "n_jobs" in estimator.get_params():
+        estimator.set_params(n_jobs=1)
 
 
 def warm_up() -> threading.Thread:
