@@ -296,3 +296,26 @@ def test_local_file_streams_a_file_with_its_digest(tmp_path):
         assert source.path == str(path)  # a local file is read where it is
         assert source.digest == hashlib.sha256(data).hexdigest() and source.size == len(data)
         assert source.format == "csv"
+
+
+def test_an_interrupted_predict_ends_killed_and_writes_nothing(trained, tmp_path, monkeypatch):
+    calls, real_score = [], serving.score
+
+    def interrupted_on_the_second_chunk(model, chunk, *args):  # Ctrl-C while scoring
+        calls.append(len(chunk))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_score(model, chunk, *args)
+
+    monkeypatch.setattr(serving, "score", interrupted_on_the_second_chunk)
+    monkeypatch.setattr(serving, "CHUNK_ROWS", 100)
+    result = CliRunner().invoke(app, ["predict", "--model", trained["model_uri"], "--input",
+                                      str(trained["folder"] / "score.csv"), "--output",
+                                      str(tmp_path / "p.parquet"), *trained["overrides"]])
+    assert result.exit_code == 130, result.output
+    assert "interrupted: the predict run is marked KILLED; nothing was written" in result.output
+    assert calls == [100, 100] and list(tmp_path.iterdir()) == []
+    run = mlflow.search_runs(experiment_names=["trainpipe"],
+                             filter_string="tags.`trainpipe.kind` = 'predict'",
+                             order_by=["start_time DESC"], max_results=1).iloc[0]
+    assert run["status"] == "KILLED"
