@@ -196,6 +196,21 @@ def test_invalid_rows_anywhere_stop_it_with_one_report_and_no_output(trained, tm
     assert lines.strip() == validate.to_terminal(failures).split("\n", 1)[1].strip()
 
 
+def test_repeated_ids_in_a_parquet_file_are_found_across_chunks(trained, tmp_path):
+    rows = scoring_rows()
+    rows.loc[[150, 290], "id"] = rows.loc[10, "id"]
+    rows.to_parquet(tmp_path / "in.parquet", row_group_size=50, index=False)
+    cfg = compose(*trained["overrides"])
+    with pytest.raises(DataValidationError) as caught:
+        serving.predict_file(cfg, trained["model_uri"], str(tmp_path / "in.parquet"),
+                             str(tmp_path / "out.csv"), chunk_rows=100)
+    value = rows.loc[10, "id"]
+    assert str(caught.value).splitlines()[1:] == [
+        f"  {tmp_path / 'in.parquet'} · id · duplicate values (must be unique) · 3 rows · "
+        f"e.g. row 10: {value}, row 150: {value}, row 290: {value}"]
+    assert not (tmp_path / "out.csv").exists()
+
+
 def test_whole_file_checks_see_the_whole_file(task_config, tmp_path):
     """A column missing in one chunk only is fine; missing in every chunk it is one line."""
     conf = task_config("binary")

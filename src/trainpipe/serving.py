@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
@@ -131,6 +132,10 @@ def predict_file(cfg: DictConfig, model_uri: str | None, input_url: str, output_
                 "trainpipe.model_uri": model.uri, "trainpipe.model_version": model.version}
         with tracking.command_run(f"predict-{cfg.dataset.name}", tags) as run_id:
             tracking.log_sources(run_id, cfg, {"scoring": source})
+            tracking.record(run_id, Report(params={
+                "input": shown_input, "output": shown_output, "model": model.uri,
+                "model_version": model.version, "input_format": source.format,
+                "output_format": out_format}))
             start = time.perf_counter()
             try:
                 with lake.staged_file(output_url) as local:
@@ -143,12 +148,9 @@ def predict_file(cfg: DictConfig, model_uri: str | None, input_url: str, output_
                                  + ", ".join(exc.report.artifacts))
                 raise
             seconds = time.perf_counter() - start
-            tracking.record(run_id, Report(
-                params={"input": shown_input, "output": shown_output, "model": model.uri,
-                        "model_version": model.version, "input_format": source.format,
-                        "output_format": out_format},
-                metrics={"rows": rows, "seconds": seconds,
-                         "rows_per_second": rows / seconds if seconds else 0.0}))
+            tracking.record(run_id, Report(metrics={
+                "rows": rows, "seconds": seconds,
+                "rows_per_second": rows / seconds if seconds else 0.0}))
     return Scored(run_id, model, source, shown_output, rows, seconds)
 
 
@@ -167,7 +169,8 @@ def _score_file(cfg: DictConfig, estimator, version: str, source: lake.LocalFile
     """Validate and score the input chunk by chunk into the local file `path`; the number of
     rows, or DataValidationError with the report once the whole input is checked."""
     name = redact_uri(lake.absolute(source.url))
-    validation = ChunkedValidation(cfg, name)
+    validation = ChunkedValidation(cfg, name, lambda column: (
+        chunk[column] for chunk in _read_chunks(source, cfg.dataset, chunk_rows, [column])))
     with _Writer(path, out_format) as writer:
         for chunk in _read_chunks(source, cfg.dataset, chunk_rows):
             validated = validation.check(chunk)
@@ -245,13 +248,19 @@ class ChunkedValidation:
     Each chunk gets the checks of single rows; what only the whole file can answer (the
     number of rows, unique columns, columns without a single value) is gathered on the way
     and checked by `finish`. Failures of one column and check in several chunks are one line,
-    with the rows of all of them."""
+    with the rows of all of them.
 
-    def __init__(self, cfg: DictConfig, source: str):
+    A unique column is the one thing held for the whole file: a 64-bit hash of each value
+    (8 bytes a row, 16 while they are sorted). When some repeat, `column_values` reads the
+    file again for the values of the example rows."""
+
+    def __init__(self, cfg: DictConfig, source: str,
+                 column_values: Callable[[str], Iterator[pd.Series]]):
         from trainpipe.steps import validate
 
         self.validate = validate
         self.dataset, self.checks, self.source = cfg.dataset, cfg.validate, source
+        self.column_values = column_values
         columns = self.dataset.columns
         self.unique = [c for c, spec in columns.items()
                        if c != self.dataset.target and spec.get("unique")]
@@ -268,18 +277,19 @@ class ChunkedValidation:
         self.failures: dict[tuple, dict] = {}
         self.present: set[str] = set()  # columns of the file
         self.with_values: set[str] = set()  # columns with at least one value so far
-        self.unique_values: dict[str, list[pd.Series]] = {c: [] for c in self.unique}
+        self.hashes: dict[str, list[np.ndarray]] = {c: [] for c in self.unique}
 
     def check(self, chunk: pd.DataFrame) -> pd.DataFrame | None:
         """The validated chunk, or None when it fails."""
         self.rows += len(chunk)
         self.present |= set(map(str, chunk.columns))
         self.with_values |= {str(c) for c in chunk.columns if chunk[c].notna().any()}
-        for column in self.unique:
-            if column in chunk:
-                self.unique_values[column].append(chunk[column].copy())
         validated, failures = _check_chunk(self.chunk_dataset, self.chunk_checks, chunk,
                                            self.source)
+        for column in self.unique:  # as the check left it: coerced to its type if it could be
+            if column in chunk:
+                self.hashes[column].append(
+                    pd.util.hash_pandas_object(chunk[column], index=False).to_numpy())
         for failure in failures:
             key = (failure["column"], failure["check"], failure["message"])
             if key not in self.failures:
@@ -315,39 +325,47 @@ class ChunkedValidation:
         return failures + all_null
 
     def _duplicates(self, column: str) -> dict | None:
-        parts = self.unique_values.pop(column)
+        parts = self.hashes.pop(column)
         if not parts:
             return None
-        values = pd.concat(parts)
-        repeated = values[values.notna() & values.duplicated(keep=False)]
-        if repeated.empty:
+        hashes = np.concatenate(parts)
+        del parts
+        ordered = np.sort(hashes)
+        repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+        del ordered
+        if not len(repeated):
             return None
+        rows = np.flatnonzero(np.isin(hashes, repeated))  # every row of a repeated value
+        wanted = set(rows[:self.validate.EXAMPLES].tolist())
         as_int = self.dataset.columns[column].type == "int"
         examples = [{"row": int(i), "value": self.validate._plain(x, as_int)}
-                    for i, x in repeated.head(self.validate.EXAMPLES).items()]
-        return self.validate._failure(self.source, column, "field_uniqueness", len(repeated),
+                    for values in self.column_values(column)
+                    for i, x in values[values.index.isin(wanted)].items()]
+        return self.validate._failure(self.source, column, "field_uniqueness", len(rows),
                                       examples)
 
 
-def _read_chunks(source: lake.LocalFile, dataset: DictConfig,
-                 rows: int) -> Iterator[pd.DataFrame]:
-    """The file's rows, `rows` at a time, indexed by their row number in the file; parsed as
-    ingest parses a whole file."""
+def _read_chunks(source: lake.LocalFile, dataset: DictConfig, rows: int,
+                 columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+    """The file's rows (or some of its columns), `rows` at a time, indexed by their row number
+    in the file; parsed as ingest parses a whole file."""
     name = redact_uri(lake.absolute(source.url))
     if source.format == "parquet":
-        yield from _parquet_chunks(source.path, name, rows)
+        yield from _parquet_chunks(source.path, name, rows, columns)
     else:
-        yield from _csv_chunks(source.path, name, dataset, rows)
+        yield from _csv_chunks(source.path, name, dataset, rows, columns)
 
 
-def _parquet_chunks(path: str, name: str, rows: int) -> Iterator[pd.DataFrame]:
+def _parquet_chunks(path: str, name: str, rows: int,
+                    columns: list[str] | None) -> Iterator[pd.DataFrame]:
     import pyarrow.parquet as pq
 
     from trainpipe.errors import SourceError
 
     offset = 0
     try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=rows, use_pandas_metadata=True)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns,
+                                                    use_pandas_metadata=True)
         for batch in batches:
             df = batch.to_pandas()
             df.index = pd.RangeIndex(offset, offset + len(df))
@@ -357,15 +375,16 @@ def _parquet_chunks(path: str, name: str, rows: int) -> Iterator[pd.DataFrame]:
         raise SourceError(f"{name}: not a readable Parquet file ({exc})") from None
 
 
-def _csv_chunks(path: str, name: str, dataset: DictConfig,
-                rows: int) -> Iterator[pd.DataFrame]:
+def _csv_chunks(path: str, name: str, dataset: DictConfig, rows: int,
+                columns: list[str] | None) -> Iterator[pd.DataFrame]:
     from trainpipe.steps.ingest import _ragged
 
     # Text columns stay text in every chunk (a chunk of digits alone would become numbers).
     text = {c: "str" for c, spec in dataset.columns.items() if spec.type == "str"}
     try:
         # utf-8-sig: a byte-order mark must not become part of the first column's name.
-        reader = pd.read_csv(path, chunksize=rows, encoding="utf-8-sig", dtype=text)
+        reader = pd.read_csv(path, chunksize=rows, encoding="utf-8-sig", dtype=text,
+                             usecols=columns)
         with reader:
             for i, df in enumerate(reader):
                 if i == 0:
