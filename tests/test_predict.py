@@ -212,7 +212,8 @@ def test_repeated_ids_in_a_parquet_file_are_found_across_chunks(trained, tmp_pat
 
 
 def test_whole_file_checks_see_the_whole_file(task_config, tmp_path):
-    """A column missing in one chunk only is fine; missing in every chunk it is one line."""
+    """A column without a value in one chunk is fine; without one in the whole file it is
+    one line, however many chunks."""
     conf = task_config("binary")
     train = conf.parent / "binary.csv"
     cfg = compose("dataset=toy_binary", *FAST, f"tracking.uri=sqlite:///{tmp_path}/m.db",
