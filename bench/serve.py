@@ -7,10 +7,12 @@ as trainpipe logs it (predicting on one thread), and the same model with `n_jobs
 on its forest and logged again (how trainpipe logged models before: the training setting).
 
 For each variant, in this one process and on the same rows (the model's input columns of the
-shared file's first rows): first `mlflow.pyfunc.load_model(uri).predict` on a prebuilt
-DataFrame (in-process), then `trainpipe serve --model uri` started as a user would, and the
-same rows POSTed as `dataframe_split` JSON (bodies prebuilt) over one keep-alive connection.
-Each loop is bounded (--requests 1-row, --batches 1,000-row) after a warm-up.
+shared file's first rows): `mlflow.pyfunc.load_model(uri).predict` on a prebuilt DataFrame
+(in-process), and `trainpipe serve --model uri` started as a user would, with the
+same rows POSTed as `dataframe_split` JSON (bodies prebuilt) over one keep-alive connection,
+each row in turn in-process then served (the machine's load weighs on both alike), and a
+GET /ping after each (the HTTP layer alone). Each loop is bounded (--requests 1-row,
+--batches 1,000-row) after a warm-up.
 
     python bench/serve.py [--data PATH] [--requests 300] [--batches 30] [--src DIR]
 
@@ -81,24 +83,6 @@ def quantiles(seconds: list[float]) -> dict[str, float]:
             "mean_ms": statistics.fmean(ms)}
 
 
-def in_process(uri: str, singles, batches) -> dict:
-    import mlflow.pyfunc
-
-    model = mlflow.pyfunc.load_model(uri)
-    for df in singles[:WARM_UP]:
-        model.predict(df)
-    one = []
-    for df in singles:
-        start = time.perf_counter()
-        model.predict(df)
-        one.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    for df in batches:
-        model.predict(df)
-    batch_s = time.perf_counter() - start
-    return quantiles(one) | {"rows_per_s_1000": 1000 * len(batches) / batch_s}
-
-
 def start_server(uri: str, port: int, env: dict) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "trainpipe", "serve", "--model", uri,
                              "--port", str(port), f"tracking.uri={store()}"], cwd=SCRATCH,
@@ -115,30 +99,46 @@ def start_server(uri: str, port: int, env: dict) -> subprocess.Popen:
     sys.exit("trainpipe serve did not start:\n" + "".join(seen))
 
 
-def served(port: int, singles: list[bytes], batches: list[bytes]) -> dict:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    headers = {"Content-Type": "application/json"}
+def compare(uri: str, port: int, singles, batches, single_bodies, batch_bodies) -> dict:
+    """In-process and served, request by request in turn (so the machine's load weighs on
+    both alike), after a warm-up of each; and GET /ping, the HTTP layer's own cost."""
+    import mlflow.pyfunc
 
-    def post(body: bytes) -> None:
-        conn.request("POST", "/invocations", body=body, headers=headers)
+    model = mlflow.pyfunc.load_model(uri)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def post(body: bytes | None, path: str = "/invocations") -> None:
+        if body is None:
+            conn.request("GET", path)
+        else:
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
         response = conn.getresponse()
         response.read()
         if response.status != 200:
             sys.exit(f"HTTP {response.status}")
 
-    for body in singles[:WARM_UP]:
-        post(body)
-    one = []
-    for body in singles:
+    def timed(fn, arg) -> float:
         start = time.perf_counter()
+        fn(arg)
+        return time.perf_counter() - start
+
+    for df, body in zip(singles[:WARM_UP], single_bodies[:WARM_UP], strict=True):
+        model.predict(df)
         post(body)
-        one.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    for body in batches:
-        post(body)
-    batch_s = time.perf_counter() - start
+    local, remote, ping = [], [], []
+    for df, body in zip(singles, single_bodies, strict=True):
+        local.append(timed(model.predict, df))
+        remote.append(timed(post, body))
+        ping.append(timed(lambda _: post(None, "/ping"), None))
+    local_batch = remote_batch = 0.0
+    for df, body in zip(batches, batch_bodies, strict=True):
+        local_batch += timed(model.predict, df)
+        remote_batch += timed(post, body)
     conn.close()
-    return quantiles(one) | {"rows_per_s_1000": 1000 * len(batches) / batch_s}
+    rows = 1000 * len(batches)
+    return {"in_process": quantiles(local) | {"rows_per_s_1000": rows / local_batch},
+            "served": quantiles(remote) | {"rows_per_s_1000": rows / remote_batch},
+            "ping": quantiles(ping)}
 
 
 def main() -> None:
@@ -166,17 +166,16 @@ def main() -> None:
     results = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "code": git_state(),
                "requests": args.requests, "batches": args.batches, "variants": {}}
     for name, uri in variants.items():
-        local = in_process(uri, singles, batches)
         port = supervise.free_port()
         proc = start_server(uri, port, env)
         try:
-            remote = served(port, single_bodies, batch_bodies)
+            measured = compare(uri, port, singles, batches, single_bodies, batch_bodies)
         finally:
             proc.terminate()
             proc.wait(60)
-        results["variants"][name] = {"uri": uri, "in_process": local, "served": remote}
-        print(f"{name}: in-process p50 {local['p50_ms']:.2f} ms, served p50 "
-              f"{remote['p50_ms']:.2f} ms", file=sys.stderr)
+        results["variants"][name] = {"uri": uri, **measured}
+        print(f"{name}: in-process p50 {measured['in_process']['p50_ms']:.2f} ms, served p50 "
+              f"{measured['served']['p50_ms']:.2f} ms", file=sys.stderr)
     results["machine"] = machine(load_start)
     (WORK / "serve.json").write_text(json.dumps(results, indent=2))
     print(report(results))
@@ -202,7 +201,8 @@ def report(r: dict) -> str:
         ratio = v["served"]["p50_ms"] / v["in_process"]["p50_ms"]
         verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
         lines.append(f"- {name}: served / in-process 1-row p50 = {ratio:.2f} "
-                     f"(target <= {TARGET_RATIO}: {verdict})")
+                     f"(target <= {TARGET_RATIO}: {verdict}); GET /ping p50 "
+                     f"{v['ping']['p50_ms']:.2f} ms (the HTTP layer alone)")
     return "\n".join(lines)
 
 
