@@ -1,5 +1,5 @@
 """The command line: `trainpipe run`, `trainpipe step NAME`, `trainpipe registry`,
-`trainpipe data demo`, `trainpipe stack`.
+`trainpipe predict`, `trainpipe serve`, `trainpipe data demo`, `trainpipe stack`.
 
 Exit codes: 0 success, 1 unexpected error, 2 usage or config error (also a missing or
 unreadable source), 3 data validation failed, 4 the gate kept the champion and
@@ -57,7 +57,11 @@ ConfigDir = Annotated[str | None, typer.Option("--config-dir", help="A folder of
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks for every error.")]
 Force = Annotated[bool, typer.Option("--force", help="Ignore the cache: redo every step run.")]
 StepName = Annotated[str, typer.Argument(help="ingest | validate | split | features | train | "
-                                         "evaluate | register")]
+                                         "evaluate | register | predict")]
+ModelUri = Annotated[str | None, typer.Option(
+    "--model", help="A model URI: models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-... (a "
+    "run's trainpipe.model_uri), runs:/RUN_ID/PATH. Default: models:/<registry name, else the "
+    "dataset name>@champion.")]
 
 
 @app.command()
@@ -97,14 +101,16 @@ def inspect(overrides: Overrides = None, config_dir: ConfigDir = None,
     table = Table(show_edge=False)
     for col in ("step", "fingerprint", "state", "made by run", "output"):
         table.add_column(col, overflow="fold")
-    for name in pipeline.STEP_NAMES:
+    for step in pipeline.STEPS:
+        name = step.name
         try:
             manifest, state = catalog.manifest(name), "published"
         except DamagedOutput:
             manifest, state = None, "damaged"
         if manifest is None and state != "damaged":
             state = "missing" if catalog.publishes(name) else "-"
-        where = catalog.url(name) if catalog.publishes(name) else ""
+            state = state if step.when(cfg) else "does not apply"
+        where = catalog.url(name) if catalog.publishes(name) and step.when(cfg) else ""
         made_by = (manifest or {}).get("pipeline_run_id") or (manifest or {}).get("run_id", "")
         table.add_row(name, catalog.fingerprints[name][:12], state, made_by,
                       redact_text(where))
@@ -159,6 +165,87 @@ def _keep_config(value: str, config_dir: str | None):
         return config.compose(config.split_overrides([value]), config_dir)
     except TrainpipeError as exc:
         raise type(exc)(f"--keep-config {value!r}: {exc}") from None
+
+
+@app.command()
+def predict(input_url: Annotated[str, typer.Option(
+                "--input", help="The rows to score: CSV or Parquet, any fsspec URL (a path, "
+                "s3://...), the dataset's columns without the target.")],
+            output_url: Annotated[str, typer.Option(
+                "--output", help="Where the predictions go: a .csv or .parquet file, any "
+                "fsspec URL.")],
+            overrides: Overrides = None, model: ModelUri = None, config_dir: ConfigDir = None,
+            verbose: Verbose = False, overrides_text: OverridesText = None) -> None:
+    """Score a file with a model. The rows are checked against the dataset's contract first
+    (the validation report and exit 3 when they break it), scored in chunks, and written
+    whole or not at all; the run is recorded in MLflow (tag trainpipe.kind=predict)."""
+    from trainpipe import config, lake, serving
+
+    try:
+        cfg = config.compose(_overrides(overrides, overrides_text), config_dir)
+        serving.output_format(output_url)
+    except TrainpipeError as exc:
+        _fail(exc, verbose)
+    shown_model = model or serving.default_model(cfg)
+    out.print(f"[bold]trainpipe predict[/] {cfg.dataset.name} · model {shown_model} · "
+              f"tracking {redact_text(str(cfg.tracking.uri))}", highlight=False, soft_wrap=True)
+    try:
+        scored = serving.predict_file(cfg, model, input_url, output_url)
+    except (KeyboardInterrupt, Interrupted):
+        err.print("[yellow]interrupted[/]: the predict run is marked KILLED; nothing was "
+                  "written to --output")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - reported in words (a traceback when unexpected)
+        raise typer.Exit(_report_error(exc, verbose)) from None
+    source = scored.input
+    out.print(f"  input   {redact_text(lake.absolute(source.url))} ({source.format}, "
+              f"{source.size / 2**20:,.1f} MB, sha256 {source.digest[:12]})",
+              highlight=False, soft_wrap=True)
+    rate = scored.rows / scored.seconds if scored.seconds else 0
+    out.print(f"  [green]✓[/] {scored.rows:,} rows scored in {scored.seconds:.2f} s "
+              f"({rate:,.0f} rows/s) by {scored.model.version}", highlight=False,
+              soft_wrap=True)
+    out.print(f"  output  {scored.output}", highlight=False, soft_wrap=True)
+    out.print(f"  run id  {scored.run_id}", highlight=False)
+    _browse_hint(cfg)
+
+
+@app.command()
+def serve(overrides: Overrides = None, model: ModelUri = None,
+          port: Annotated[int, typer.Option(min=1, max=65535, help="The port to listen on.")
+                          ] = 5001,
+          host: Annotated[str, typer.Option(help="The address to listen on: this machine "
+                                            "only unless told otherwise (0.0.0.0: every "
+                                            "interface).")] = "127.0.0.1",
+          config_dir: ConfigDir = None, verbose: Verbose = False,
+          overrides_text: OverridesText = None) -> None:
+    """Serve a model over HTTP with MLflow's scoring server (POST /invocations, GET /ping)
+    until Ctrl-C."""
+    from trainpipe import config, serving
+
+    def ready(server: serving.Server) -> None:
+        pinned = "" if server.model.version == server.model.uri else (
+            f" ({server.model.uri})")
+        out.print(f"[bold]trainpipe serve[/] {server.model.version}{pinned} at {server.url} "
+                  f"(MLflow scoring server, pid {server.process.pid})", highlight=False,
+                  soft_wrap=True)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            out.print(f"  [yellow]![/] listening on {host}: whoever reaches this machine "
+                      "can call the model", highlight=False)
+        out.print(f"  health   curl {server.url}/ping", highlight=False, soft_wrap=True)
+        out.print(f"  predict  {server.example}", highlight=False, soft_wrap=True,
+                  markup=False)
+        out.print(f"  log      {server.log}", highlight=False, soft_wrap=True)
+        out.print("Ctrl-C stops it.", highlight=False)
+
+    try:
+        cfg = config.compose(_overrides(overrides, overrides_text), config_dir)
+        out.print(f"starting MLflow's scoring server for {model or serving.default_model(cfg)}"
+                  f" on {host}:{port} ...", highlight=False, soft_wrap=True)
+        serving.serve(cfg, model, host, port, ready)
+    except TrainpipeError as exc:
+        _fail(exc, verbose)
+    out.print("stopped the model server", highlight=False)
 
 
 @data_app.command("demo")
@@ -399,9 +486,6 @@ def _run_one(cfg, overrides, span, force, verbose, tracker) -> int:
 
 
 def _summary(cfg, result) -> None:
-    from trainpipe.config import tracking_uri
-    from trainpipe.redaction import redact_uri
-
     if result.up_to_date:
         out.print("  [blue]=[/] up to date: every step's output is published for this config; "
                   "nothing to run (--force redoes it)", highlight=False, soft_wrap=True)
@@ -427,11 +511,18 @@ def _summary(cfg, result) -> None:
     if result.up_to_date and "trainpipe.gate.decision" in result.tags:
         out.print(f"  gate        {result.tags['trainpipe.gate.decision']}", highlight=False,
                   soft_wrap=True)
+    _browse_hint(cfg, "  browse      ")
+
+
+def _browse_hint(cfg, label: str = "  browse  ") -> None:
+    from trainpipe.config import tracking_uri
+    from trainpipe.redaction import redact_uri
+
     # soft_wrap: a command to copy must stay on one line, whatever the terminal's width
     uri = redact_uri(tracking_uri(cfg))
     hint = f"open {uri}" if uri.startswith(("http://", "https://")) else (
         f"mlflow ui --backend-store-uri {uri}")
-    out.print(f"  browse      {hint}", highlight=False, soft_wrap=True)
+    out.print(f"{label}{hint}", highlight=False, soft_wrap=True)
 
 
 def _report_error(exc: BaseException, verbose: bool) -> int:

@@ -2,7 +2,8 @@
 
 Zones under the root: raw/ (read-only to trainpipe, except demo data), landing/
 (validated data and its splits), features/ (transformed splits and the fitted
-transformer), models/ (pointers to logged models). All data IO lives here.
+transformer), models/ (pointers to logged models), predictions/ (scored data). All data IO
+lives here.
 
 A step's outputs are published as a set: each file is written under a temporary
 name and moved into place, then `manifest.json` (digests, rows, producing run) is
@@ -21,10 +22,12 @@ import io
 import json
 import os
 import posixpath
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -258,17 +261,29 @@ class Source:
     digest: str
     format: str  # "csv" or "parquet"
 
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
     def describe(self) -> dict:
         """What a record of it needs (not the bytes)."""
-        return {"url": self.url, "digest": self.digest, "bytes": len(self.data),
+        return {"url": self.url, "digest": self.digest, "bytes": self.size,
                 "format": self.format}
 
 
 def read_source(url: str) -> Source:
     """Read a CSV or Parquet file from any fsspec URL; a clear SourceError otherwise."""
+    with _reading(url), fsspec.open(url, "rb", **storage_options(url)) as f:
+        data = f.read()
+    return Source(url, data, digest(data), _detect_format(url, data))
+
+
+@contextmanager
+def _reading(url: str) -> Iterator[None]:
+    """What reading a source can fail with, in words (SourceError)."""
     try:
-        with storage_errors(url, "read it"), fsspec.open(url, "rb", **storage_options(url)) as f:
-            data = f.read()
+        with storage_errors(url, "read it"):
+            yield
     except TrainpipeError:
         raise
     except FileNotFoundError:
@@ -279,7 +294,83 @@ def read_source(url: str) -> Source:
     except Exception as exc:  # permissions, network, unknown protocol, ...
         raise SourceError(f"{redact_uri(url)}: cannot be read ({type(exc).__name__}: "
                           f"{redact_uri(str(exc))})") from None
-    return Source(url, data, digest(data), _detect_format(url, data))
+
+
+BLOCK = 8 * 2**20  # bytes read or copied at a time when a file is streamed
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A source as a file on this machine, with the identity of its bytes (as Source has),
+    for files too large to hold in memory."""
+
+    url: str
+    path: str  # the local file to read
+    digest: str
+    size: int
+    format: str  # "csv" or "parquet"
+
+    def describe(self) -> dict:
+        """What a record of it needs."""
+        return {"url": self.url, "digest": self.digest, "bytes": self.size,
+                "format": self.format}
+
+
+@contextmanager
+def local_file(url: str) -> Iterator[LocalFile]:
+    """A CSV or Parquet file at any fsspec URL as a local file, with its sha256, read block
+    by block: a local file is read where it is, any other is downloaded to a temporary file
+    that goes when the block ends. A clear SourceError as from `read_source`."""
+    folder = None
+    try:
+        with _reading(url):
+            fs, path = _url_to_fs(url)
+            if "file" not in _protocols(fs):
+                folder = tempfile.mkdtemp(prefix="trainpipe-")
+            target = path if folder is None else os.path.join(folder, posixpath.basename(path))
+            sha, size, head = hashlib.sha256(), 0, b""
+            with fs.open(path, "rb") as src, (
+                    open(target, "wb") if folder else nullcontext()) as copy:
+                while block := src.read(BLOCK):
+                    sha.update(block)
+                    size += len(block)
+                    head = head or block[:4096]
+                    if copy is not None:
+                        copy.write(block)
+        yield LocalFile(url, target, sha.hexdigest(), size, _detect_format(url, head))
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def staged_file(url: str) -> Iterator[str]:
+    """A local path to write one file to, published at `url` (any fsspec URL) when the block
+    ends: renamed into place in a local folder, uploaded to an object store (where an object
+    appears whole or not at all). When the block fails, nothing appears at `url`."""
+    with storage_errors(url, "write it"):
+        fs, path = _url_to_fs(url)
+        local = "file" in _protocols(fs)
+        if local and fs.isdir(path):
+            raise SourceError(f"{redact_uri(absolute(url))}: is a folder; name a file")
+        if local:  # beside the target: the rename is atomic, no copy
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    folder = None if local else tempfile.mkdtemp(prefix="trainpipe-")
+    name = posixpath.basename(path)
+    tmp = (posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{name}") if local
+           else os.path.join(folder, name))
+    try:
+        yield tmp
+        with storage_errors(url, "write it"):
+            if local:
+                os.replace(tmp, path)
+            else:
+                fs.put_file(tmp, path)
+    finally:
+        with suppress(OSError):
+            os.remove(tmp)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _detect_format(url: str, data: bytes) -> str:

@@ -1,6 +1,7 @@
 """The pipeline: its steps in order, and the loop that runs them as MLflow runs.
 
     raw zone ─▶ ingest ─▶ validate ─▶ split ─▶ features ─▶ train ─▶ evaluate ─▶ register
+             ─▶ predict (when there is scoring data)
 
 Before anything runs, every step gets its fingerprint (see cache.py). A step whose
 output is already published under its fingerprint is reused, not run again; so a re-run
@@ -23,7 +24,7 @@ from trainpipe import cache, demo, lake
 from trainpipe.catalog import Catalog, outputs, stored
 from trainpipe.errors import ConfigError, Interrupted
 from trainpipe.lake import DamagedOutput
-from trainpipe.steps import evaluate, features, ingest, register, split, train, validate
+from trainpipe.steps import evaluate, features, ingest, predict, register, split, train, validate
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ STEPS = (
     # changes the exit code, not what is registered.
     Step("register", register, ("model_uri", "metrics", "splits"),
          ("registry.name", "registry.gate", "tracking.uri", "dataset.positive_class", *DATASET)),
+    Step("predict", predict, ("model", "scoring", "model_uri", "registration"),
+         ("dataset.id_column", *DATASET), when=predict.applies),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)
 PRODUCER = {output: step.name for step in STEPS for output in step.outputs}
@@ -128,11 +131,16 @@ def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
     while the config is read); without one, it is started when there is work."""
     from trainpipe.tracker import Tracker
 
-    steps = [s for s in select(first, last) if s.when(cfg)]
+    selected = select(first, last)
+    steps = [s for s in selected if s.when(cfg)]
     force = force or bool(cfg.get("force", False))
     result = RunResult([StepResult(s.name) for s in steps])
+    if not steps:
+        result.error = ConfigError("nothing to run for this config: " + "; ".join(
+            f"{s.name} {s.when.__doc__ or 'does not apply'}" for s in selected))
+        return result
     try:
-        with _sigterm_interrupts():
+        with sigterm_interrupts():
             from trainpipe.supervise import check_tracking_server
 
             # an unreachable server stops us before any work (demo data included)
@@ -493,7 +501,7 @@ def _ensure_demo_data(cfg: DictConfig, notice: Callable[[str], None]) -> None:
 
 
 @contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
+def sigterm_interrupts() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so runs end KILLED instead of staying RUNNING."""
 
     def interrupt(signum, frame):
