@@ -319,6 +319,7 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
             step.module.warm_up()
     parent = tracking.start_pipeline(cfg, overrides, [s.name for s in steps])
     publisher = Publisher()
+    publishing: dict = {}  # step -> Future of its outputs, once published
     status = "FAILED"
     try:
         sources = {role: source.describe() for role, source in catalog.sources.items()}
@@ -335,7 +336,7 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
                     tracking, parent, catalog, s, r, reused[s.name], result, on_step))
             else:
                 values |= _run_step(cfg, step, step_result, values, catalog, tracking, parent,
-                                    compute, result, on_step, publisher)
+                                    compute, result, on_step, publisher, publishing)
             publisher.raise_errors()  # a failed publish stops the run here, not at the end
             tracker.raise_errors()  # likewise a failed write to MLflow
         publisher.drain()
@@ -366,8 +367,13 @@ class Publisher:
                                         daemon=True)
         self._thread.start()
 
-    def submit(self, job: Callable[[], None]) -> None:
-        self._queue.put(job)
+    def submit(self, job: Callable[[], object]):
+        """Queue `job`; returns a Future of what it returns."""
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        self._queue.put((job, future))
+        return future
 
     def raise_errors(self) -> None:
         if self._errors:
@@ -385,12 +391,16 @@ class Publisher:
         self._thread.join(timeout)
 
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            job, future = item
             try:
-                if not self._errors:
-                    job()
+                if self._errors:
+                    future.cancel()
+                else:
+                    future.set_result(job())
             except BaseException as exc:  # noqa: BLE001 - raised in the pipeline's thread
                 self._errors.append(exc)
+                future.set_exception(exc)
             finally:
                 self._queue.task_done()
 
@@ -429,13 +439,17 @@ def _reuse(tracking, parent, catalog: Catalog, step: Step, step_result: StepResu
 
 
 def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: Catalog,
-              tracking, parent, compute, result: RunResult, on_step, publisher) -> dict:
+              tracking, parent, compute, result: RunResult, on_step, publisher,
+              publishing: dict) -> dict:
     step_result.status = "running"
     on_step(step_result)
     start = time.perf_counter()
     run = tracking.start_step(step.name, catalog.fingerprints[step.name], parent)
     try:
         for name in step.inputs:
+            if name not in values and PRODUCER.get(name) in publishing:
+                # made in this run, and known once published (a model's URI): wait for it
+                values |= publishing[PRODUCER[name]].result()
             if name not in values:
                 values[name] = catalog.load(name, compute)
         try:
@@ -454,14 +468,15 @@ def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: C
     finally:
         step_result.seconds = time.perf_counter() - start
         on_step(step_result)
-    publisher.submit(lambda: _publish(step, dict(outputs), report, run, parent, catalog,
-                                      tracking, result, step_result))
+    publishing[step.name] = publisher.submit(lambda: _publish(
+        step, dict(outputs), report, run, parent, catalog, tracking, result, step_result))
     return outputs
 
 
 def _publish(step: Step, outputs: dict, report, run, parent, catalog: Catalog, tracking,
-             result: RunResult, step_result: StepResult) -> None:
-    """A step's outputs into the lake (and its model into MLflow), its report onto its run."""
+             result: RunResult, step_result: StepResult) -> dict:
+    """A step's outputs into the lake (and its model into MLflow), its report onto its run.
+    Returns the outputs with what publishing made of them (the logged model's URI)."""
     try:
         manifest = {}
         if catalog.publishes(step.name):
@@ -473,6 +488,7 @@ def _publish(step: Step, outputs: dict, report, run, parent, catalog: Catalog, t
         if manifest:
             _collect(result, *catalog.record(step.name, manifest), tracking, parent, new=True)
         tracking.end_run(run, "FINISHED")
+        return outputs
     except BaseException:
         step_result.status = "failed"
         tracking.end_run(run, "FAILED")
