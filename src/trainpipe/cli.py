@@ -1,4 +1,5 @@
-"""The command line: `trainpipe run`, `trainpipe step NAME`, `trainpipe data demo`.
+"""The command line: `trainpipe run`, `trainpipe step NAME`, `trainpipe dataset init`,
+`trainpipe data demo`, ...
 
 Exit codes: 0 success, 1 unexpected error, 2 usage or config error (also a missing or
 unreadable source), 3 data validation failed, 130 interrupted.
@@ -19,6 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Raw tabular data in a lake to a validated, tracked model.")
 data_app = typer.Typer(no_args_is_help=True, help="Data helpers.")
 app.add_typer(data_app, name="data")
+dataset_app = typer.Typer(no_args_is_help=True, help="Dataset files.")
+app.add_typer(dataset_app, name="dataset")
 stack_app = typer.Typer(no_args_is_help=True, help="The local production-like stack: "
                         "PostgreSQL + MLflow tracking server (artifacts to S3 or a folder).")
 app.add_typer(stack_app, name="stack")
@@ -124,6 +127,46 @@ def data_demo(rows: Annotated[int, typer.Option(min=1, help="Number of rows.")] 
     df = demo.hotel_bookings(rows=rows, seed=seed)
     lake.write_file(out_url, df.to_csv(index=False).encode())
     out.print(f"wrote {len(df):,} rows to {out_url}")
+
+
+@dataset_app.command("init")
+def dataset_init(
+        source: Annotated[str, typer.Argument(help="A CSV or Parquet file (any fsspec URL); "
+                                              "a large one is sampled: its first rows.")],
+        target: Annotated[str | None, typer.Option(help="The column to predict (default: "
+                                                   "guessed).")] = None,
+        task: Annotated[str | None, typer.Option(help="binary | multiclass | regression "
+                                                 "(default: guessed from the target).")] = None,
+        name: Annotated[str | None, typer.Option(help="The dataset's name (default: the "
+                                                 "file's).")] = None,
+        out_dir: Annotated[str, typer.Option("--out", help="The config folder: writes "
+                                             "OUT/dataset/NAME.yaml.")] = "conf",
+        force: Annotated[bool, typer.Option("--force", help="Overwrite the file even if a "
+                                            "person edited it.")] = False,
+        verbose: Verbose = False) -> None:
+    """Write a dataset file inferred from a table: types, nulls, ranges, values, target, task.
+    Exit 3 when the table breaks trainpipe's rules (the file is written all the same)."""
+    from trainpipe import dataset_init as init
+
+    try:
+        written = init.init(source, out_dir, name, target, task, force)
+    except TrainpipeError as exc:
+        _fail(exc, verbose)
+    found = written.inferred
+    done = "rewrote" if written.replaced else "wrote"
+    out.print(f"{done} {written.path}: {len(found.columns)} columns from "
+              f"{written.sample.described()}", highlight=False, soft_wrap=True)
+    out.print(f"  target {found.target} ({found.task})"
+              + (f", id column {found.id_column}" if found.id_column else ""), highlight=False)
+    for key, note in found.checks():
+        out.print(f"  check {key}: {note}", highlight=False, soft_wrap=True)
+    if written.problems:
+        err.print("[red bold]invalid data[/]: the table breaks the dataset file as written, "
+                  "and `trainpipe run` would stop at validation:", soft_wrap=True)
+        err.print(redact_text(written.problems), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
+    out.print(f"then: trainpipe run --config-dir {out_dir} dataset={found.name}",
+              highlight=False, soft_wrap=True)
 
 
 @stack_app.command("up")
