@@ -1,5 +1,6 @@
 """The command line: `trainpipe run`, `trainpipe step NAME`, `trainpipe registry`,
-`trainpipe predict`, `trainpipe serve`, `trainpipe data demo`, `trainpipe stack`.
+`trainpipe predict`, `trainpipe serve`, `trainpipe dataset init`, `trainpipe data demo`,
+`trainpipe stack`.
 
 Exit codes: 0 success, 1 unexpected error, 2 usage or config error (also a missing or
 unreadable source), 3 data validation failed, 4 the gate kept the champion and
@@ -32,6 +33,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Raw tabular data in a lake to a validated, tracked model.")
 data_app = typer.Typer(no_args_is_help=True, help="Data helpers.")
 app.add_typer(data_app, name="data")
+dataset_app = typer.Typer(no_args_is_help=True, help="Dataset files.")
+app.add_typer(dataset_app, name="dataset")
 stack_app = typer.Typer(no_args_is_help=True, help="The local production-like stack: "
                         "PostgreSQL + MLflow tracking server (artifacts to S3 or a folder).")
 app.add_typer(stack_app, name="stack")
@@ -353,6 +356,46 @@ def _registry(words: list[str] | None, config_dir: str | None, names: list[str],
                           f"(key=value); got {' '.join(positional)}")
     cfg = config.compose([w for w in words if "=" in w], config_dir)
     return Registry(cfg), cfg, positional + [None] * (len(names) - len(positional))
+
+
+@dataset_app.command("init")
+def dataset_init(
+        source: Annotated[str, typer.Argument(help="A CSV or Parquet file (any fsspec URL); "
+                                              "a large one is sampled: its first rows.")],
+        target: Annotated[str | None, typer.Option(help="The column to predict (default: "
+                                                   "guessed).")] = None,
+        task: Annotated[str | None, typer.Option(help="binary | multiclass | regression "
+                                                 "(default: guessed from the target).")] = None,
+        name: Annotated[str | None, typer.Option(help="The dataset's name (default: the "
+                                                 "file's).")] = None,
+        out_dir: Annotated[str, typer.Option("--out", help="The config folder: writes "
+                                             "OUT/dataset/NAME.yaml.")] = "conf",
+        force: Annotated[bool, typer.Option("--force", help="Overwrite the file even if a "
+                                            "person edited it.")] = False,
+        verbose: Verbose = False) -> None:
+    """Write a dataset file inferred from a table: types, nulls, ranges, values, target, task.
+    Exit 3 when the table breaks trainpipe's rules (the file is written all the same)."""
+    from trainpipe import dataset_init as init
+
+    try:
+        written = init.init(source, out_dir, name, target, task, force)
+    except TrainpipeError as exc:
+        _fail(exc, verbose)
+    found = written.inferred
+    done = "rewrote" if written.replaced else "wrote"
+    out.print(f"{done} {written.path}: {len(found.columns)} columns from "
+              f"{written.sample.described()}", highlight=False, soft_wrap=True)
+    out.print(f"  target {found.target} ({found.task})"
+              + (f", id column {found.id_column}" if found.id_column else ""), highlight=False)
+    for key, note in found.checks():
+        out.print(f"  check {key}: {note}", highlight=False, soft_wrap=True)
+    if written.problems:
+        err.print("[red bold]invalid data[/]: the table breaks the dataset file as written, "
+                  "and `trainpipe run` would stop at validation:", soft_wrap=True)
+        err.print(redact_text(written.problems), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
+    out.print(f"then: trainpipe run --config-dir {out_dir} dataset={found.name}",
+              highlight=False, soft_wrap=True)
 
 
 @stack_app.command("up")
