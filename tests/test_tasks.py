@@ -55,3 +55,12 @@ def test_the_positive_class_is_the_one_named(task_config):
     assert parent["metrics.test_recall"] == pytest.approx(tp / (tp + fn))
     assert tp + fn == pytest.approx(0.15 * (table["label"] == "no").sum(), abs=2)
     assert parent["metrics.test_roc_auc"] > 0.8  # the score of 'no', not of 'yes'
+
+
+def test_a_dataset_without_an_id_column_trains(task_config):
+    conf = task_config("regression")
+    path = conf / "dataset" / "toy_regression.yaml"
+    path.write_text(path.read_text().replace("id_column: key\n", ""))  # it is optional
+    result = trainpipe("run", "--config-dir", str(conf), "dataset=toy_regression",
+                       "model.params.n_estimators=10", "--to", "features", cwd=conf.parent)
+    assert result.returncode == 0, result.stderr

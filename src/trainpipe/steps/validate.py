@@ -175,7 +175,7 @@ def _nulls_and_duplicates(cfg: DictConfig, typed: pd.DataFrame, missing: dict, s
                 [{"row": int(i), "value": None} for i in rows[:EXAMPLES]],
                 "missing values (the target needs a value in every row)" if is_target
                 else "missing values (not nullable)"))
-        unique = spec.get("unique", False) or (checks.unique_id and col == dataset.id_column)
+        unique = spec.get("unique", False) or (checks.unique_id and col == dataset.get("id_column"))
         if unique:
             values = typed[col]
             repeated = values[values.duplicated(keep=False) & values.notna()]
