@@ -25,6 +25,7 @@ from trainpipe.catalog import Catalog, outputs, stored
 from trainpipe.errors import ConfigError, Interrupted
 from trainpipe.lake import DamagedOutput
 from trainpipe.steps import evaluate, features, ingest, predict, register, split, train, validate
+from trainpipe.tracker import Pending
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ STEPS = (
                                                         *DATASET)),
     # The registry lives in the tracking store. registry.require_promotion is left out: it
     # changes the exit code, not what is registered.
-    Step("register", register, ("model_uri", "metrics", "splits"),
+    Step("register", register, ("model_uri", "metrics", "splits", "pipeline_run_id"),
          ("registry.name", "registry.gate", "tracking.uri", "dataset.positive_class", *DATASET)),
     Step("predict", predict, ("model", "scoring", "model_uri", "registration"),
          ("dataset.id_column", *DATASET), when=predict.applies),
@@ -98,7 +99,8 @@ def fingerprints(cfg: DictConfig, sources: dict[str, lake.Source]) -> dict[str, 
         if step.name == "ingest":
             upstream = [sources[role].digest for role in sorted(sources)]
         else:
-            upstream = [prints[p] for p in sorted({PRODUCER[i] for i in step.inputs})]
+            upstream = [prints[p] for p in sorted({PRODUCER[i] for i in step.inputs
+                                                   if i in PRODUCER})]
         prints[step.name] = cache.fingerprint(step.name, step.module, cfg, step.reads, upstream)
     return prints
 
@@ -324,7 +326,8 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
     try:
         sources = {role: source.describe() for role, source in catalog.sources.items()}
         tracking.log_sources(parent, cfg, sources)
-        values: dict = {"sources": catalog.sources}
+        # what the runner gives steps besides step outputs: the data, the run they are in
+        values: dict = {"sources": catalog.sources, "pipeline_run_id": parent}
 
         def compute(name: str) -> dict:  # an output that is not stored: make it again
             step = next(s for s in STEPS if s.name == name)
@@ -453,7 +456,9 @@ def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: C
             if name not in values:
                 values[name] = catalog.load(name, compute)
         try:
-            outputs, report = step.module.run(cfg, **{n: values[n] for n in step.inputs})
+            inputs = {n: values[n] for n in step.inputs}
+            inputs = {n: v.result() if isinstance(v, Pending) else v for n, v in inputs.items()}
+            outputs, report = step.module.run(cfg, **inputs)
         except Exception as exc:
             _record_failure_report(tracking, run, exc)
             raise

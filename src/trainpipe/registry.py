@@ -269,13 +269,3 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
-
-
-def pipeline_run_id() -> str | None:
-    """The pipeline (parent) run of the step run in progress, if any."""
-    import mlflow
-
-    run = mlflow.active_run()
-    if run is None:
-        return None
-    return run.data.tags.get("mlflow.parentRunId") or run.info.run_id

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainpipe.catalog import Json
 from trainpipe.errors import ConfigError
 from trainpipe.redaction import shorten
-from trainpipe.registry import CHALLENGER, CHAMPION, Move, Registry, pipeline_run_id
+from trainpipe.registry import CHALLENGER, CHAMPION, Move, Registry
 from trainpipe.steps import Report
 from trainpipe.steps.evaluate import PRIMARY, metrics_of, positive_class, predict
 
@@ -185,11 +185,10 @@ def metric_names(task: str) -> tuple[str, ...]:
 
 
 def run(cfg: DictConfig, model_uri: str, metrics: dict[str, float],
-        splits: dict[str, pd.DataFrame]) -> tuple[dict, Report]:
+        splits: dict[str, pd.DataFrame], pipeline_run_id: str) -> tuple[dict, Report]:
     name, criteria = str(cfg.registry.name), Criteria.of(cfg)
     registry = Registry(cfg)
-    run_id = pipeline_run_id()
-    by_run = f"pipeline run {run_id}" if run_id else "trainpipe"
+    by_run = f"pipeline run {pipeline_run_id}"
     test_rows = rows_digest(splits["test"])
     # The champion first: a champion out of reach stops the step before it registers.
     champion = registry.holder(name, CHAMPION)
@@ -214,7 +213,7 @@ def run(cfg: DictConfig, model_uri: str, metrics: dict[str, float],
     reasons = shorten("; ".join(decision.reasons), TAG_LIMIT)
     registry.set_tags(version, {"trainpipe.gate": verdict, "trainpipe.gate.decision":
                                 decision.line, "trainpipe.gate.reasons": reasons,
-                                "trainpipe.gate.run": run_id or ""})
+                                "trainpipe.gate.run": pipeline_run_id})
     tags = {"trainpipe.gate": verdict, "trainpipe.gate.decision": decision.line,
             "trainpipe.gate.reasons": reasons, "trainpipe.registered_model": name,
             "trainpipe.registered_version": str(version.version),
