@@ -430,6 +430,10 @@ def _reuse(tracking, parent, catalog: Catalog, step: Step, step_result: StepResu
 
 def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: Catalog,
               tracking, parent, compute, result: RunResult, on_step, publisher) -> dict:
+    if any(name not in values for name in step.inputs):
+        # read from the lake (register: the model's URI), so what this run made must be
+        # published first: the publisher may still be at it (a failure there is its step's)
+        publisher.drain()
     step_result.status = "running"
     on_step(step_result)
     start = time.perf_counter()
