@@ -199,6 +199,8 @@ def test_trainpipe_report_writes_the_same_page(finished):
     again = trainpipe("report", parent.info.run_id, f"--out={out}", cwd=workdir)
     assert again.returncode == 0 and again.stdout.strip() == str(out)
     assert without_duration(out.read_text()) == without_duration(written.read_text())
+    into = trainpipe("report", "--out", "more/", cwd=workdir)  # a folder, made for it
+    assert into.stdout.strip() == str(workdir / "more" / written.name)
 
 
 def test_trainpipe_report_names_what_is_wrong(finished, tmp_path, monkeypatch):

@@ -281,12 +281,14 @@ def location(artifact_uri: str) -> str:
 
 def write(client, run_id: str | None, experiment: str, out: str | None) -> tuple[str, Path]:
     """`trainpipe report`: the page of `run_id` (default: the newest pipeline run of
-    `experiment`) written to `out` (default: ./report-<run id>.html); (run id, path)."""
+    `experiment`) written to `out`, a file or a folder (default: ./report-<run id>.html);
+    (run id, path)."""
     run_id = run_id or latest_run(client, experiment)
     page = build(client, run_id)
-    path = Path(out or f"report-{run_id[:12]}.html")
-    if path.is_dir():
-        path = path / f"report-{run_id[:12]}.html"
+    name = f"report-{run_id[:12]}.html"
+    path = Path(out or name)
+    if path.is_dir() or (out or "").endswith("/"):  # a folder, maybe yet to be made
+        path = path / name
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     partial.write_bytes(page)
