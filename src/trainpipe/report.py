@@ -17,6 +17,7 @@ import html
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,33 +94,7 @@ def collect(client, run_id: str, status: str | None = None) -> Record:
     parent = pipeline_run(client, run_id)
     tags = parent.data.tags
     final = status or parent.info.status
-    children = _step_runs(client, parent)
-    makers: dict[str, dict[str, Any]] = {}  # pipeline run -> its step runs
-    steps = []
-    for name in [s for s in tags.get("trainpipe.steps", "").split(",") if s]:
-        run = children.get(name)
-        if run is not None:
-            seconds = run.data.tags.get(SECONDS)
-            end = run.info.end_time
-            view = StepView(
-                name, final if run.info.status == "RUNNING" and status else run.info.status,
-                float(seconds) if seconds else (end - run.info.start_time) / 1000 if end
-                else None, run.data.tags.get(SUMMARY, ""),
-                run.data.tags.get("trainpipe.fingerprint", ""), run.info.run_id, record=run)
-        elif REUSED + name in tags:
-            fingerprint, made_by = _reused(tags[REUSED + name])
-            if made_by not in makers:
-                makers[made_by] = _maker_steps(client, made_by) if made_by else {}
-            view = StepView(name, "CACHED", 0.0, "reused", fingerprint, made_by=made_by,
-                            record=makers[made_by].get(name))
-        else:
-            view = StepView(name, "NOT RUN")
-        steps.append(view)
-    # A step that stores nothing (ingest) has no tag when reused; steps run in order, so one
-    # without a run before a step that ran or was reused was reused too.
-    for i, view in enumerate(steps):
-        if view.status == "NOT RUN" and any(v.status != "NOT RUN" for v in steps[i + 1:]):
-            view.status, view.seconds, view.summary = "CACHED", 0.0, "reused"
+    steps = _step_views(client, parent, status)
     end = parent.info.end_time if status is None and parent.info.end_time else time.time() * 1000
     # the pipeline's own count when it made one: its run starts when the tracker gets to it
     seconds = float(tags.get(SECONDS) or (end - parent.info.start_time) / 1000)
@@ -147,6 +122,39 @@ def collect(client, run_id: str, status: str | None = None) -> Record:
     record.changed = changed_from_defaults(record.params)
     record.experiment = client.get_experiment(parent.info.experiment_id).name
     return record
+
+
+def _step_views(client, parent, status: str | None) -> list[StepView]:
+    """Each step the run selected: its own run, the run that made its reused output, or
+    none. `status`: the run's final state, which its open step runs are about to take."""
+    tags = parent.data.tags
+    children = _step_runs(client, parent)
+    makers: dict[str | None, dict[str, Any]] = {None: {}}  # pipeline run -> its step runs
+    views = []
+    for name in [s for s in tags.get("trainpipe.steps", "").split(",") if s]:
+        run = children.get(name)
+        if run is not None:
+            info, own = run.info, run.data.tags
+            seconds = float(own[SECONDS]) if own.get(SECONDS) else (
+                (info.end_time - info.start_time) / 1000 if info.end_time else None)
+            views.append(StepView(
+                name, status if status and info.status == "RUNNING" else info.status, seconds,
+                own.get(SUMMARY, ""), own.get("trainpipe.fingerprint", ""), info.run_id,
+                record=run))
+        elif REUSED + name in tags:
+            fingerprint, made_by = _reused(tags[REUSED + name])
+            if made_by not in makers:
+                makers[made_by] = _maker_steps(client, made_by)
+            views.append(StepView(name, "CACHED", 0.0, "reused", fingerprint, made_by=made_by,
+                                  record=makers[made_by].get(name)))
+        else:
+            views.append(StepView(name, "NOT RUN"))
+    # A step that stores nothing (ingest) has no tag when reused; steps run in order, so one
+    # without a run before a step that ran or was reused was reused too.
+    for i, view in enumerate(views):
+        if view.status == "NOT RUN" and any(v.status != "NOT RUN" for v in views[i + 1:]):
+            view.status, view.seconds, view.summary = "CACHED", 0.0, "reused"
+    return views
 
 
 def pipeline_run(client, run_id: str):
@@ -256,10 +264,19 @@ def changed_from_defaults(params: dict[str, str]) -> list[tuple[str, str | None,
     return [(k, params.get(k), defaults.get(k)) for k in keys if params.get(k) != defaults.get(k)]
 
 
-@functools.cache
 def default_params() -> dict[str, str]:
     """trainpipe's default config, as the params a run records. Composed once a process
-    (the tracker does it while the pipeline runs: tracking.warm_up)."""
+    (the tracker does it while the pipeline runs: tracking.warm_up); Hydra composes one
+    config at a time, so a caller that comes meanwhile waits for that one."""
+    with _COMPOSING:
+        return _default_params()
+
+
+_COMPOSING = threading.Lock()
+
+
+@functools.cache
+def _default_params() -> dict[str, str]:
     from trainpipe import config
     from trainpipe.tracking import flat_params
 
