@@ -301,6 +301,29 @@ def test_a_failed_step_is_on_the_page_with_its_error(demo_lake):
     assert "data-metric" not in page  # evaluate never ran
 
 
+# trainpipe with one change, in every process (the tracker builds the page): it cannot draw
+BROKEN_PAGE = """
+import trainpipe.report
+def render(record):
+    raise RuntimeError("the page cannot be drawn [here]")
+trainpipe.report.render = render
+"""
+
+
+def test_a_page_that_cannot_be_made_is_said_and_the_run_stands(demo_lake):
+    hook = demo_lake / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(BROKEN_PAGE)
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    result = trainpipe("run", "--to", "validate", cwd=demo_lake, env={"PYTHONPATH": path})
+    assert result.returncode == 0, result.stderr
+    assert ("! report.html not written: RuntimeError: the page cannot be drawn [here]"
+            in result.stdout)
+    client, parent = pipeline_run_of(demo_lake)
+    assert parent.info.status == "FINISHED"
+    assert "report.html" not in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
 # ------------------------------------------------------------------ the plots
 
 

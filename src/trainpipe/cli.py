@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -553,8 +554,8 @@ def _summary(cfg, result) -> None:
     if result.report:
         out.print(f"  report      {redact_text(result.report)}", highlight=False, soft_wrap=True)
     elif result.report_problem and result.run_id:
-        out.print(f"  [yellow]![/] report.html not written: {redact_text(result.report_problem)}",
-                  highlight=False, soft_wrap=True, markup=True)
+        out.print("  [yellow]![/] report.html not written: "
+                  + escape(redact_text(result.report_problem)), highlight=False, soft_wrap=True)
     if "trainpipe.model_uri" in result.tags:
         out.print(f"  model       {result.tags['trainpipe.model_uri']}")
     if result.made_by:
