@@ -1,6 +1,6 @@
 """The command line: `trainpipe run`, `trainpipe step NAME`, `trainpipe registry`,
-`trainpipe predict`, `trainpipe serve`, `trainpipe dataset init`, `trainpipe data demo`,
-`trainpipe stack`.
+`trainpipe predict`, `trainpipe serve`, `trainpipe report`, `trainpipe dataset init`,
+`trainpipe data demo`, `trainpipe stack`.
 
 Exit codes: 0 success, 1 unexpected error, 2 usage or config error (also a missing or
 unreadable source), 3 data validation failed, 4 the gate kept the champion and
@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -249,6 +250,51 @@ def serve(overrides: Overrides = None, model: ModelUri = None,
     except TrainpipeError as exc:
         _fail(exc, verbose)
     out.print("stopped the model server", highlight=False)
+
+
+@app.command()
+def report(words: Annotated[list[str] | None, typer.Argument(
+               help="RUN_ID (a pipeline run; default: the newest in tracking.experiment) and "
+               "Hydra overrides naming the store, e.g. tracking.uri=sqlite:///mlflow.db")] = None,
+           out_path: Annotated[str | None, typer.Option(
+               "--out", help="The file (or folder) to write; default: "
+               "./report-<run id>.html")] = None,
+           config_dir: ConfigDir = None, verbose: Verbose = False) -> None:
+    """Write the HTML report of a pipeline run to a local file and print its path: the page
+    every run logs as report.html, built again from what MLflow recorded."""
+    from trainpipe import config
+    from trainpipe import report as reports
+    from trainpipe.errors import ConfigError
+
+    words = words or []
+    run_ids = [w for w in words if "=" not in w]
+    try:
+        if len(run_ids) > 1:
+            raise ConfigError(f"expected one RUN_ID, then overrides (key=value); got "
+                              f"{' '.join(run_ids)}")
+        cfg = config.compose([w for w in words if "=" in w], config_dir)
+        client = _existing_store(cfg)
+        run_id, path = reports.write(client, run_ids[0] if run_ids else None,
+                                     str(cfg.tracking.experiment), out_path)
+    except TrainpipeError as exc:
+        _fail(exc, verbose)
+    err.print(f"report of pipeline run {run_id}", highlight=False)
+    out.print(str(path), highlight=False, soft_wrap=True)
+
+
+def _existing_store(cfg):
+    """A client of the store the config names; an SQLite store that does not exist is an
+    error (reading it must not create it)."""
+    from trainpipe.config import tracking_uri
+    from trainpipe.errors import ConfigError
+    from trainpipe.tracking import Tracking, sqlite_path
+
+    uri = tracking_uri(cfg)
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():
+        raise ConfigError(f"no MLflow store at {path} (tracking.uri={redact_text(uri)}): run "
+                          "`trainpipe run` first, or name the store with tracking.uri=...")
+    return Tracking(cfg).client
 
 
 @data_app.command("demo")
@@ -547,6 +593,11 @@ def _summary(cfg, result) -> None:
             out.print(f"  {name:<30} {shown}", highlight=False)
     if result.run_id:
         out.print(f"  run id      {result.run_id}")
+    if result.report:
+        out.print(f"  report      {redact_text(result.report)}", highlight=False, soft_wrap=True)
+    elif result.report_problem and result.run_id:
+        out.print("  [yellow]![/] report.html not written: "
+                  + escape(redact_text(result.report_problem)), highlight=False, soft_wrap=True)
     if "trainpipe.model_uri" in result.tags:
         out.print(f"  model       {result.tags['trainpipe.model_uri']}")
     if result.made_by:

@@ -86,6 +86,9 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     made_by: str | None = None  # up to date: the run that made the last step's output
     error: BaseException | None = None
+    started: float = field(default_factory=time.monotonic)
+    report: str | None = None  # where the run's report.html is (a path or an artifact URI)
+    report_problem: str | None = None  # why there is none, when the run made one
 
     @property
     def up_to_date(self) -> bool:
@@ -415,9 +418,11 @@ def _finish(tracker, tracking, parent, status: str, result: RunResult,
     import sys
 
     failing = sys.exc_info()[1] is not None
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
+        _write_report(tracking, parent, status, result, sys.exc_info()[1], _left(deadline))
         tracking.end_open_runs(status)
-        tracker.close(timeout)
+        tracker.close(_left(deadline))
         result.run_id = parent.result(0)
     except BaseException:
         tracker.discard()
@@ -425,6 +430,29 @@ def _finish(tracker, tracking, parent, status: str, result: RunResult,
             result.run_id = parent.result(0)
         if not failing:
             raise
+
+
+def _write_report(tracking, parent, status: str, result: RunResult,
+                  error: BaseException | None, timeout: float | None) -> None:
+    """report.html on the parent run, built by the tracker from what it recorded, before
+    the runs end. A page that cannot be made is said, never the run's failure."""
+    from dataclasses import asdict
+
+    from trainpipe.errors import TrainpipeError
+
+    why = None
+    if isinstance(error, KeyboardInterrupt):
+        why = "interrupted (Ctrl-C)"
+    elif error is not None:
+        why = str(error) if isinstance(error, TrainpipeError | Interrupted) else (
+            f"{type(error).__name__}: {error}")
+        why = "\n".join([why, *getattr(error, "__notes__", [])])
+    written = tracking.write_report(parent, status, time.monotonic() - result.started,
+                                    [asdict(r) for r in result.steps], why)
+    try:
+        result.report = written.result(timeout)
+    except Exception as exc:  # noqa: BLE001 - the run's own outcome stands
+        result.report_problem = f"{type(exc).__name__}: {exc}"
 
 
 def _reuse(tracking, parent, catalog: Catalog, step: Step, step_result: StepResult,

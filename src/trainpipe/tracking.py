@@ -31,10 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 import trainpipe
 from trainpipe.config import tracking_uri
 from trainpipe.errors import Interrupted, TrainpipeError
-from trainpipe.redaction import redact_text, redact_uri
+from trainpipe.redaction import redact_text, redact_uri, shorten
 from trainpipe.steps import Report
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+TAG_LIMIT = 5000  # characters of a long tag (an error); MLflow takes 8000 on runs
 BATCH = 100  # MLflow's limit on params per log_batch
 PACKAGES = ("mlflow", "scikit-learn", "pandas", "numpy", "pyarrow", "cloudpickle", "lightgbm",
             "pandera", "hydra-core")
@@ -64,6 +65,7 @@ class Tracking:
         self.experiment = str(cfg.tracking.experiment)
         self.pid = pid or os.getpid()  # the pipeline's process (a tracker runs beside it)
         self._open: list[str] = []  # runs started here and not ended yet
+        self._steps: dict[str, str] = {}  # step name -> its run, started here
         from trainpipe.supervise import check_tracking_server
 
         check_tracking_server(self.uri)  # fail fast (not after MLflow's minutes of retries)
@@ -107,7 +109,27 @@ class Tracking:
     def start_step(self, name: str, fingerprint: str, parent: str) -> str:
         tags = {"trainpipe.step": name, "trainpipe.fingerprint": fingerprint,
                 "mlflow.parentRunId": parent, **self._process_tags(), **_source_tags()}
-        return self._start(name, tags)
+        self._steps[name] = self._start(name, tags)
+        return self._steps[name]
+
+    def write_report(self, parent: str, status: str, seconds: float, steps: list[dict],
+                     error: str | None = None) -> str:
+        """The end of a pipeline run, before its runs end `status`: record how long it took
+        and why it failed (`error`) on the parent, how each step went (`steps`: name, seconds
+        and summary, as the pipeline measured and told them) on its run, then build
+        report.html from what the store holds and log it on the parent. Returns where the
+        page is."""
+        from trainpipe import report
+
+        for step in steps:
+            if step["name"] in self._steps:
+                self.set_tags(self._steps[step["name"]], {
+                    report.SUMMARY: shorten(step["summary"], TAG_LIMIT),
+                    report.SECONDS: f"{step['seconds']:.3f}"})
+        self.set_tags(parent, {report.SECONDS: f"{seconds:.3f}"}
+                      | ({report.ERROR: shorten(error, TAG_LIMIT)} if error else {}))
+        self._log_files(parent, {report.REPORT: report.build(self.client, parent, status)})
+        return report.location(self.client.get_run(parent).info.artifact_uri)
 
     @contextmanager
     def command_run(self, name: str, tags: dict[str, str]) -> Iterator[str]:
@@ -296,8 +318,8 @@ def _predict_on_one_thread(estimator) -> None:
 
 
 def warm_up() -> threading.Thread:
-    """Load, in a background thread, what logging the model will need, while the store
-    opens and the pipeline's first steps run."""
+    """Load, in a background thread, what logging the model and the run report will need,
+    while the store opens and the pipeline's first steps run."""
 
     def work() -> None:
         import mlflow.sklearn  # noqa: F401
@@ -308,6 +330,9 @@ def warm_up() -> threading.Thread:
             requirements_utils._init_modules_to_packages_map()
         except Exception:  # noqa: BLE001 - a private helper; without it MLflow just does it later
             pass
+        from trainpipe import report
+
+        report.default_params()  # what the run report compares the run's config with
 
     thread = threading.Thread(target=work, name="trainpipe-warm-up", daemon=True)
     thread.start()

@@ -29,7 +29,9 @@ def run(cfg: DictConfig, model, features: dict[str, pd.DataFrame]) -> tuple[dict
         predictions[split] = (y, pred, proba)
         scores = metrics_of(task, y, pred, proba, getattr(estimator, "classes_", None), positive)
         metrics |= {f"{split}_{k}": float(v) for k, v in scores.items()}
-    artifacts = (_plots(task, estimator, *predictions["test"], positive)
+    artifacts = (_plots(task, estimator, *predictions["test"], positive,
+                        f"{cfg.model.name} · {cfg.dataset.name}",
+                        f"test split ({len(features['test']):,} rows)")
                  if cfg.evaluate.plots else {})
     headline = f"test_{PRIMARY[task][0]}"
     summary = f"{headline} {metrics[headline]:.4f}"
@@ -114,80 +116,179 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def _plots(task: str, estimator, y, pred, proba, positive) -> dict[str, bytes]:
-    """PNG plots drawn straight on matplotlib Figures (no pyplot, no global state)."""
-    from matplotlib.figure import Figure
+def _plots(task: str, estimator, y, pred, proba, positive, about: str,
+           split: str) -> dict[str, bytes]:
+    """PNG plots of one split, drawn straight on matplotlib Figures (no pyplot, no global
+    state), each titled with what it shows, `about` (model · dataset) and the `split`: a
+    plot seen alone (downloaded, in MLflow's artifact view) still says where it comes from.
+
+    Classification: ROC, precision-recall, calibration (one curve per class beyond two),
+    confusion matrix; regression: predicted vs actual, residuals; both: feature importance
+    when the estimator has it."""
     from sklearn import metrics as m
 
+    y = np.asarray(y)
     plots = {}
 
-    def draw(name, fn, size=(4.5, 3.6)):
-        fig = Figure(figsize=size, layout="tight")
-        fn(fig.subplots())
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=72)
-        plots[name] = buf.getvalue()
+    def draw(name: str, what: str, fn, size=PLOT_SIZE) -> None:
+        plots[name] = _png(fn, f"{what}\n{about} · {split}", size)
 
-    if task == "binary":
-        score = proba[:, list(estimator.classes_).index(positive)]
-        fpr, tpr, _ = m.roc_curve(y, score, pos_label=positive)
-        precision, recall, _ = m.precision_recall_curve(y, score, pos_label=positive)
-        auc = m.auc(fpr, tpr)
-
-        def roc(ax):
-            ax.plot(fpr, tpr, label=f"AUC {auc:.3f}")
-            ax.plot([0, 1], [0, 1], ls=":", color="grey")
-            ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
-            ax.legend(loc="lower right")
-
-        def pr(ax):
-            ax.plot(recall, precision)
-            ax.set(xlabel="recall", ylabel="precision", title="Precision-recall")
-
-        draw("roc_curve.png", roc)
-        draw("precision_recall_curve.png", pr)
     if task == "regression":
-        def residuals(ax):
-            ax.scatter(pred, np.asarray(y) - pred, s=4, alpha=0.4)
-            ax.axhline(0, color="grey")
-            ax.set(xlabel="predicted", ylabel="actual - predicted", title="Residuals")
-
-        draw("residuals.png", residuals)
+        pred = np.asarray(pred, dtype=float)
+        draw("predicted_vs_actual.png", "Predicted vs actual",
+             lambda ax: _predicted_vs_actual(ax, y, pred))
+        draw("residuals.png", "Residuals", lambda ax: _residuals(ax, y, pred))
     else:
-        labels = estimator.classes_
-        matrix = m.confusion_matrix(y, pred, labels=labels)
-
-        def confusion(ax):
-            ax.imshow(matrix, cmap="Blues")
-            ticks = range(len(labels))
-            ax.set(xticks=ticks, yticks=ticks, xticklabels=labels, yticklabels=labels,
-                   xlabel="predicted", ylabel="actual", title="Confusion matrix")
-            for (i, j), count in np.ndenumerate(matrix):
-                ax.text(j, i, str(count), ha="center", va="center",
-                        color="white" if count > matrix.max() / 2 else "black")
-
-        draw("confusion_matrix.png", confusion)
+        classes = list(estimator.classes_)
+        curves = _one_vs_rest(y, proba, classes, positive)
+        draw("roc_curve.png", "ROC curve", lambda ax: _roc(ax, curves))
+        draw("precision_recall_curve.png", "Precision-recall curve", lambda ax: _pr(ax, curves))
+        draw("calibration.png", "Calibration", lambda ax: _calibration(ax, curves))
+        matrix = m.confusion_matrix(y, pred, labels=classes)
+        side = min(4.8 + 0.35 * max(len(classes) - 4, 0), 10)
+        draw("confusion_matrix.png", "Confusion matrix",
+             lambda ax: _confusion(ax, matrix, classes), size=(side + 1.2, side))
     importance = _importance(estimator)
     if importance is not None:
-        top = importance.sort_values().tail(20)
-
-        def bars(ax):
-            ax.barh(top.index, top.to_numpy())
-            ax.set(title="Feature importance", xlabel="importance")
-            ax.tick_params(axis="y", labelsize=7)
-
-        draw("feature_importance.png", bars, size=(5, 4.5))
+        top = importance.sort_values().tail(TOP_FEATURES)
+        shown = f"top {TOP_FEATURES} of {len(importance)}" if len(importance) > len(top) else (
+            f"{len(top)} features")
+        # the fitted model's, not the split's
+        plots["feature_importance.png"] = _png(
+            lambda ax: _bars(ax, top, importance.name), f"Feature importance ({shown})\n{about}",
+            (7.2, max(3.6, 1.4 + 0.27 * len(top))))
     return plots
 
 
+PLOT_SIZE = (6.4, 4.8)  # inches at PLOT_DPI: 640 x 480 pixels, readable at full size
+PLOT_DPI = 100
+TOP_FEATURES = 20
+MAX_CURVES = 10  # classes drawn one-vs-rest: the most frequent ones
+
+
+def _png(fn, title: str, size: tuple[float, float]) -> bytes:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    ax = fig.subplots()
+    ax.grid(alpha=0.25)
+    fn(ax)
+    ax.set_title(title, fontsize=11, loc="left")
+    buf = io.BytesIO()
+    # the title also as the PNG's own Title: what a file browser or a test can read
+    fig.savefig(buf, format="png", dpi=PLOT_DPI,
+                metadata={"Title": title.replace("\n", " · "), "Software": "trainpipe"})
+    return buf.getvalue()
+
+
+def _one_vs_rest(y, proba, classes, positive) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(label, is this class, its probability) per curve: the positive class alone for a
+    binary task, else each class against the rest (the most frequent MAX_CURVES)."""
+    if positive is not None:
+        return [(str(_plain(positive)), y == positive, proba[:, classes.index(positive)])]
+    counts = pd.Series(y).value_counts()
+    shown = [c for c in counts.index if c in classes][:MAX_CURVES]
+    return [(str(_plain(c)), y == c, proba[:, classes.index(c)]) for c in shown]
+
+
+def _roc(ax, curves) -> None:
+    from sklearn import metrics as m
+
+    for label, truth, score in curves:
+        if truth.all() or not truth.any():
+            continue  # a class absent from the split has no curve
+        fpr, tpr, _ = m.roc_curve(truth, score)
+        ax.plot(fpr, tpr, label=f"{_legend(label, curves)}: AUC {m.auc(fpr, tpr):.3f}")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
+           ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=9)
+
+
+def _pr(ax, curves) -> None:
+    from sklearn import metrics as m
+
+    for label, truth, score in curves:
+        if not truth.any():
+            continue
+        precision, recall, _ = m.precision_recall_curve(truth, score)
+        ap = m.average_precision_score(truth, score)
+        line = ax.plot(recall, precision, label=f"{_legend(label, curves)}: AP {ap:.3f}")
+        ax.axhline(truth.mean(), ls=":", color=line[0].get_color(), lw=1)
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower left", fontsize=9, title="dotted: share of the class",
+              title_fontsize=8)
+
+
+def _calibration(ax, curves) -> None:
+    from sklearn.calibration import calibration_curve
+
+    for label, truth, score in curves:
+        if truth.all() or not truth.any():
+            continue
+        observed, predicted = calibration_curve(truth, score, n_bins=10, strategy="quantile")
+        ax.plot(predicted, observed, marker="o", ms=4, label=_legend(label, curves))
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfectly calibrated")
+    ax.set(xlabel="predicted probability (deciles)", ylabel="observed frequency",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="upper left", fontsize=9)
+
+
+def _legend(label: str, curves) -> str:
+    """A curve's name: the positive class (binary), or its class against the rest."""
+    return f"positive class {label}" if len(curves) == 1 else f"class {label}"
+
+
+def _confusion(ax, matrix: np.ndarray, classes) -> None:
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.figure.colorbar(image, ax=ax, shrink=0.8, label="rows")
+    ticks = range(len(classes))
+    labels = [str(_plain(c)) for c in classes]
+    ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="actual")
+    ax.set_xticklabels(labels, rotation=45 if max(map(len, labels)) > 4 else 0, ha="right"
+                       if max(map(len, labels)) > 4 else "center")
+    ax.set_yticklabels(labels)
+    ax.grid(False)
+    total = matrix.sum() or 1
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, f"{count:,}\n{count / total:.1%}", ha="center", va="center", fontsize=9,
+                color="white" if count > matrix.max() / 2 else "black")
+
+
+def _predicted_vs_actual(ax, y, pred) -> None:
+    y = y.astype(float)
+    ax.scatter(y, pred, s=6, alpha=0.35, edgecolors="none")
+    low, high = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
+    ax.plot([low, high], [low, high], ls=":", color="grey", label="predicted = actual")
+    ax.set(xlabel="actual", ylabel="predicted")
+    ax.legend(loc="upper left", fontsize=9)
+
+
+def _residuals(ax, y, pred) -> None:
+    residual = y.astype(float) - pred
+    ax.scatter(pred, residual, s=6, alpha=0.35, edgecolors="none")
+    ax.axhline(0, color="grey", ls=":")
+    ax.set(xlabel="predicted", ylabel="actual - predicted")
+
+
+def _bars(ax, top: pd.Series, meaning: str) -> None:
+    ax.barh([str(i) for i in top.index], top.to_numpy())
+    ax.set(xlabel=meaning)
+    ax.tick_params(axis="y", labelsize=9)
+    ax.grid(axis="y", alpha=0)
+
+
 def _importance(estimator) -> pd.Series | None:
+    """Each feature's importance, named (the Series' name) by what the numbers are."""
     names = getattr(estimator, "feature_names_in_", None)
     if hasattr(estimator, "feature_importances_"):
         values = np.asarray(estimator.feature_importances_, dtype=float)
+        meaning = "importance (the estimator's feature_importances_)"
     elif hasattr(estimator, "coef_"):
         values = np.abs(np.atleast_2d(estimator.coef_)).mean(axis=0)
+        meaning = "|coefficient| (of the transformed feature)"
     else:
         return None
     if names is None:
         names = [f"f{i}" for i in range(len(values))]
-    return pd.Series(values, index=list(names))
+    return pd.Series(values, index=list(names), name=meaning)
