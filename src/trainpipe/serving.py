@@ -240,7 +240,8 @@ def _check_chunk(dataset: DictConfig, checks: DictConfig, chunk: pd.DataFrame, s
     from trainpipe.steps.ingest import RawTable
     from trainpipe.steps.validate import _check
 
-    return _check(dataset, checks, RawTable(chunk, source, "", ""), with_target=False)
+    cfg = OmegaConf.create({"dataset": dataset, "validate": checks})
+    return _check(cfg, RawTable(chunk, source, "", ""), with_target=False)
 
 
 class ChunkedValidation:
@@ -377,14 +378,13 @@ def _parquet_chunks(path: str, name: str, rows: int,
 
 def _csv_chunks(path: str, name: str, dataset: DictConfig, rows: int,
                 columns: list[str] | None) -> Iterator[pd.DataFrame]:
-    from trainpipe.steps.ingest import _ragged
+    from trainpipe.steps.ingest import TEXT_CSV, _ragged
 
-    # Text columns stay text in every chunk (a chunk of digits alone would become numbers).
-    text = {c: "str" for c, spec in dataset.columns.items() if spec.type == "str"}
     try:
+        # As ingest reads a whole file: every cell as its text (validate parses it);
         # utf-8-sig: a byte-order mark must not become part of the first column's name.
-        reader = pd.read_csv(path, chunksize=rows, encoding="utf-8-sig", dtype=text,
-                             usecols=columns)
+        reader = pd.read_csv(path, chunksize=rows, encoding="utf-8-sig", usecols=columns,
+                             **TEXT_CSV)
         with reader:
             for i, df in enumerate(reader):
                 if i == 0:
