@@ -267,7 +267,7 @@ def wait_for_manifests(folder: Path, steps: list[str], timeout: float = 120) -> 
         time.sleep(0.05)
 
 
-def wait_for_no_running(folder: Path, timeout: float = 60) -> pd.DataFrame:
+def wait_for_no_running(folder: Path, timeout: float = 240) -> pd.DataFrame:
     deadline = time.monotonic() + timeout
     while "RUNNING" in set((df := step_runs(folder))["status"]):
         assert time.monotonic() < deadline, "runs still RUNNING"

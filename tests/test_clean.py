@@ -13,6 +13,8 @@ from tests.conftest import FAST
 from tests.test_cache import invoke, ran
 
 LGBM = ["model=lightgbm", "model.params.n_estimators=30"]
+# Up to evaluate: models nobody registered (a registered one is never deleted: see the end)
+RUN = ["run", "--to", "evaluate"]
 
 
 def published(folder: Path, zone: str, step: str) -> set[str]:
@@ -37,11 +39,11 @@ def forest_reused_after_lightgbm(demo_lake):
     """The issue's story: a forest, then LightGBM (the newest outputs), then the forest
     again, all of it reused. Returns (folder, forest train fp, LightGBM train fp)."""
     folder = demo_lake
-    assert invoke(folder, "run", *FAST).exit_code == 0
+    assert invoke(folder, *RUN, *FAST).exit_code == 0
     forest = published(folder, "models", "train")
-    assert invoke(folder, "run", *LGBM).exit_code == 0
+    assert invoke(folder, *RUN, *LGBM).exit_code == 0
     lightgbm = published(folder, "models", "train") - forest
-    result = invoke(folder, "run", *FAST)
+    result = invoke(folder, *RUN, *FAST)
     assert result.exit_code == 0
     assert ran(folder, result) == []
     return folder, forest.pop(), lightgbm.pop()
@@ -59,7 +61,7 @@ def test_clean_never_removes_what_the_current_config_needs(forest_reused_after_l
     assert f"removed {folder}/lake/models/hotel_bookings/train/{lightgbm}" in result.stdout
     assert "2 output(s) removed; kept the 5 output(s) this config needs" in result.stdout
     assert published(folder, "models", "train") == {forest}
-    result = invoke(folder, "run", *FAST)
+    result = invoke(folder, *RUN, *FAST)
     assert result.exit_code == 0
     assert ran(folder, result) == []  # nothing the forest needs was removed
 
@@ -80,7 +82,7 @@ def test_keep_config_protects_another_config_and_dry_run_removes_nothing(
     assert ("0 output(s) removed; kept the 7 output(s) this config or a --keep-config needs"
             in result.stdout)  # 3 data outputs are shared by both
     assert lake_files(folder) == before
-    result = invoke(folder, "run", *LGBM)
+    result = invoke(folder, *RUN, *LGBM)
     assert result.exit_code == 0
     assert ran(folder, result) == []
 

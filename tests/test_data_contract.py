@@ -206,7 +206,7 @@ def test_validate_reads_the_spellings_in_its_fingerprint(tmp_path):
     cfg.dataset.na_values = ["", "N/A", "-"]
     after = fingerprints(cfg, sources)
     assert [s for s in before if before[s] != after[s]] == [
-        "validate", "split", "features", "train", "evaluate"]
+        "validate", "split", "features", "train", "evaluate", "register", "predict"]
 
 
 def test_split_says_what_it_needs_when_validate_was_reused(tmp_path):

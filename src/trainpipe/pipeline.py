@@ -400,8 +400,8 @@ class Publisher:
         while (item := self._queue.get()) is not None:
             job, future = item
             try:
-                if self._errors:
-                    future.cancel()
+                if self._errors:  # an earlier publish failed: that is the error to tell
+                    future.set_exception(self._errors[0])
                 else:
                     future.set_result(job())
             except BaseException as exc:  # noqa: BLE001 - raised in the pipeline's thread

@@ -224,10 +224,7 @@ def serve(fd: int, owner: int) -> None:
             try:
                 call, method, args, kwargs = pickle.loads(conn.recv_bytes())
             except (EOFError, OSError):  # the pipeline's process is gone (closed, reset):
-                # nobody else will end its runs
-                if current is not None:
-                    current.end_open_runs("KILLED")
-                return
+                return _orphaned(current)
             value, error = None, None
             try:
                 args = [_resolve(a, results) for a in args]
@@ -247,9 +244,18 @@ def serve(fd: int, owner: int) -> None:
             except BaseException as exc:  # noqa: BLE001 - sent back to be raised there
                 error = exc
             results[call] = value
-            conn.send_bytes(_dumps(call, value, error))
+            try:
+                conn.send_bytes(_dumps(call, value, error))
+            except OSError:  # gone while we worked
+                return _orphaned(current)
     finally:
         conn.close()
+
+
+def _orphaned(current) -> None:
+    """The pipeline's process is gone: nobody else will end the runs it started."""
+    if current is not None:
+        current.end_open_runs("KILLED")
 
 
 def _resolve(value: Any, results: dict[int, Any]) -> Any:

@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import mlflow
@@ -70,7 +69,6 @@ def test_own_cluster_up_status_down_up(own_folder, database):
     again = stack.up(own_folder, env=clean_env())
     assert again.started == [] and again.reused == ["postgresql", "mlflow"]
     assert by_name(again.services)["mlflow"].pid == ml.pid
-    assert again.seconds < 5
 
     # it works: a run with a param and an artifact
     mlflow.set_tracking_uri(info.tracking_uri)
@@ -147,12 +145,10 @@ def test_port_in_use_is_named(tmp_path, database, aws_env):
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        start = time.monotonic()
         with pytest.raises(stack.StackError, match=f"port {port} on 127.0.0.1 is already in "
                            "use by another program; pass --port"):
             stack.up(tmp_path / "s", port=port, backend_store_uri=database.uri,
                      env=clean_env() | aws_env)
-        assert time.monotonic() - start < 10
 
 
 def test_missing_artifacts_bucket_is_named(tmp_path, database, aws_env):
