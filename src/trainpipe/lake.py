@@ -27,7 +27,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -46,6 +46,11 @@ OBJECT_STORES = ("s3", "s3a")
 S3_ATTEMPTS = 4
 S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60,
              "retries": {"total_max_attempts": S3_ATTEMPTS, "mode": "standard"}}
+# And every S3 call has a total time limit, whatever happens on the wire: botocore's
+# timeouts bound connecting and each read, not a PUT whose body an endpoint never takes, nor
+# the retries together. The limit grows with the bytes moved (at least 1 MB/s is expected).
+S3_TIMEOUT = float(os.environ.get("TRAINPIPE_S3_TIMEOUT", "120"))
+S3_MIN_RATE = 1e6  # bytes per second
 
 
 class DamagedOutput(TrainpipeError):
@@ -85,9 +90,43 @@ def _endpoint() -> str | None:
 
 def _url_to_fs(url: str):
     options = storage_options(url)
-    if options:
-        _quiet_orphaned_connection_errors()
-    return fsspec.core.url_to_fs(url, **options)
+    if not options:
+        return fsspec.core.url_to_fs(url)
+    _quiet_orphaned_connection_errors()
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    return _Bounded(fs), path
+
+
+class _Bounded:
+    """An object store's filesystem whose calls each end within a time limit (S3_TIMEOUT,
+    plus the bytes moved at S3_MIN_RATE): fsspec's async calls take `timeout=`. Files are
+    read and written whole through these calls, never through open() file objects, whose
+    reads no limit covers."""
+
+    CALLS = {"cat_file", "pipe_file", "exists", "ls", "rm", "info", "put_file", "get_file",
+             "makedirs", "find"}
+
+    def __init__(self, fs):
+        self._fs = fs
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._fs, name)
+        if name not in self.CALLS:
+            return attr
+
+        def bounded(*args, nbytes: int = 0, **kwargs):
+            if name == "pipe_file":
+                nbytes = len(args[1] if len(args) > 1 else kwargs["value"])
+            elif name == "put_file":
+                nbytes = os.path.getsize(args[0])
+            return attr(*args, timeout=time_limit(nbytes), **kwargs)
+
+        return bounded
+
+
+def time_limit(nbytes: int = 0) -> float:
+    """The most an S3 call moving `nbytes` may take, in seconds."""
+    return S3_TIMEOUT + nbytes / S3_MIN_RATE
 
 
 _quieted = False
@@ -144,27 +183,40 @@ def storage_errors(url: str, doing: str) -> Iterator[None]:
                           f" ({_reason(exc)}); {hint}") from None
     except OSError as exc:
         if exc.errno not in LOCAL_FAULTS:
+            _explain(exc, url, doing)
             raise
         where = f": {redact_uri(exc.filename)}" if exc.filename else ""
         raise SourceError(f"{redact_uri(url)}: cannot {doing}: {LOCAL_FAULTS[exc.errno]}"
                           f"{where}") from None
     except Exception as exc:
-        kind = _classify(exc, _is_object_store(url))
-        if kind == "unreachable":
-            endpoint = _endpoint()
-            where = (f"the S3 endpoint {redact_uri(endpoint)}" if endpoint
-                     else "AWS S3" if _is_object_store(url) else "the storage")
-            raise LakeUnavailable(
-                f"{redact_uri(url)}: cannot {doing}: {where} cannot be reached; gave up "
-                f"after {S3_ATTEMPTS} attempts ({_reason(exc)})") from None
-        if kind == "credentials":
-            raise SourceError(f"{redact_uri(url)}: cannot {doing}: no S3 credentials found "
-                              f"({_reason(exc)}); set AWS_ACCESS_KEY_ID and "
-                              "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE") from None
-        if kind == "client":
-            raise SourceError(f"{redact_uri(url)}: cannot {doing}{_at_endpoint(url)} "
-                              f"({_reason(exc)})") from None
+        _explain(exc, url, doing)
         raise
+
+
+def _explain(exc: BaseException, url: str, doing: str) -> None:
+    """Raise the TrainpipeError that says what `exc` means; return when it is unknown."""
+    kind = _classify(exc, _is_object_store(url))
+    if kind == "timeout":
+        endpoint = _endpoint()
+        where = f"the S3 endpoint {redact_uri(endpoint)}" if endpoint else "AWS S3"
+        raise LakeUnavailable(
+            f"{redact_uri(url)}: cannot {doing}: {where} did not finish within "
+            f"{S3_TIMEOUT:.0f} s (+1 s per MB moved; TRAINPIPE_S3_TIMEOUT sets it): it "
+            "accepts connections but does not answer") from None
+    if kind == "unreachable":
+        endpoint = _endpoint()
+        where = (f"the S3 endpoint {redact_uri(endpoint)}" if endpoint
+                 else "AWS S3" if _is_object_store(url) else "the storage")
+        raise LakeUnavailable(
+            f"{redact_uri(url)}: cannot {doing}: {where} cannot be reached; gave up "
+            f"after {S3_ATTEMPTS} attempts ({_reason(exc)})") from None
+    if kind == "credentials":
+        raise SourceError(f"{redact_uri(url)}: cannot {doing}: no S3 credentials found "
+                          f"({_reason(exc)}); set AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE") from None
+    if kind == "client":
+        raise SourceError(f"{redact_uri(url)}: cannot {doing}{_at_endpoint(url)} "
+                          f"({_reason(exc)})") from None
 
 
 # What a local folder can refuse, in words (a full disk, a read-only mount, a file in the way)
@@ -195,8 +247,13 @@ def _missing_bucket(exc: BaseException) -> bool:
 
 
 def _classify(exc: BaseException, object_store: bool) -> str | None:
-    """'unreachable', 'credentials', 'client' (another refusal by S3) or None (unknown)."""
+    """'timeout', 'unreachable', 'credentials', 'client' (another refusal by S3) or None."""
     import sys
+
+    from fsspec.exceptions import FSTimeoutError
+
+    if isinstance(exc, FSTimeoutError):
+        return "timeout"
 
     if "botocore" in sys.modules:  # only S3 raises these; never import botocore for that
         from botocore import exceptions as boto
@@ -273,8 +330,13 @@ class Source:
 
 def read_source(url: str) -> Source:
     """Read a CSV or Parquet file from any fsspec URL; a clear SourceError otherwise."""
-    with _reading(url), fsspec.open(url, "rb", **storage_options(url)) as f:
-        data = f.read()
+    with _reading(url):
+        fs, path = _url_to_fs(url)
+        if isinstance(fs, _Bounded):  # an object store: one bounded call
+            data = fs.cat_file(path, nbytes=fs.info(path).get("size") or 0)
+        else:
+            with fs.open(path, "rb") as f:
+                data = f.read()
     return Source(url, data, digest(data), _detect_format(url, data))
 
 
@@ -328,15 +390,14 @@ def local_file(url: str) -> Iterator[LocalFile]:
             if "file" not in _protocols(fs):
                 folder = tempfile.mkdtemp(prefix="trainpipe-")
             target = path if folder is None else os.path.join(folder, posixpath.basename(path))
+            if folder is not None:  # downloaded in one bounded call, then read here
+                fs.get_file(path, target, nbytes=fs.info(path).get("size") or 0)
             sha, size, head = hashlib.sha256(), 0, b""
-            with fs.open(path, "rb") as src, (
-                    open(target, "wb") if folder else nullcontext()) as copy:
+            with open(target, "rb") as src:
                 while block := src.read(BLOCK):
                     sha.update(block)
                     size += len(block)
                     head = head or block[:4096]
-                    if copy is not None:
-                        copy.write(block)
         yield LocalFile(url, target, sha.hexdigest(), size, _detect_format(url, head))
     finally:
         if folder is not None:

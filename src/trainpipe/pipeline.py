@@ -316,7 +316,7 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
     """Run the steps that must run, recorded through the tracker process. A step's outputs
     are published in the background while the next step works (the step after it takes
     them from memory): MLflow's run ids, which manifests name, arrive when they arrive."""
-    from trainpipe.tracker import WAIT_AFTER_INTERRUPT
+    from trainpipe.tracker import PUBLISH_GRACE, WAIT_AFTER_INTERRUPT
 
     tracking = tracker.open(cfg)
     for step in steps:  # e.g. the plotting backend, imported while earlier steps run
@@ -350,10 +350,12 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
     except (KeyboardInterrupt, Interrupted):
         status = "KILLED"
         raise
-    finally:  # interrupted: everything below within WAIT_AFTER_INTERRUPT, whatever hangs
-        deadline = time.monotonic() + WAIT_AFTER_INTERRUPT if status == "KILLED" else None
-        publisher.stop(_left(deadline))
-        _finish(tracker, tracking, parent, status, result, _left(deadline))
+    finally:  # interrupted: what was computed publishes if it can within PUBLISH_GRACE,
+        # then the runs are ended within WAIT_AFTER_INTERRUPT, whatever hangs
+        killed = status == "KILLED"
+        publisher.stop(PUBLISH_GRACE if killed else None)
+        _finish(tracker, tracking, parent, status, result,
+                WAIT_AFTER_INTERRUPT if killed else None)
 
 
 def _left(deadline: float | None) -> float | None:

@@ -38,6 +38,7 @@ from trainpipe.errors import TrainpipeError
 # How long this process waits for the tracker to finish what it was given, after an
 # interruption (marking runs KILLED on a server that no longer answers must not hang us).
 WAIT_AFTER_INTERRUPT = 15.0
+PUBLISH_GRACE = 5.0  # and before that, how long outputs already computed may take to publish
 STOP = signal.SIGUSR1  # "stop now": the tracker ignores SIGINT/SIGTERM, meant for the group
 STOP_GRACE = 5.0  # seconds it has to unwind before it is killed
 

@@ -75,6 +75,7 @@ class Tracking:
         if self.uri.startswith(("http://", "https://")):  # bound MLflow's minutes of retries
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")  # each try, in seconds
         mlflow.set_tracking_uri(self.uri)
         create_sqlite_stores_atomically()
 

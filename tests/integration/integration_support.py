@@ -232,8 +232,9 @@ def runs_of(database: Database, experiment: str) -> list[dict]:
 
 
 class TcpProxy:
-    """A TCP relay to the S3 endpoint that can vanish mid-run, like an endpoint that goes
-    away (the S3 server behind it keeps its data, for checking the lake afterwards)."""
+    """A TCP relay to a server (S3, MLflow) that can vanish mid-run, like an endpoint that
+    goes away (`close`), or freeze: accept connections and never answer (`freeze`), like a
+    hung server or a black-holed network. The server behind it keeps its data."""
 
     def __init__(self, target_port: int):
         self.target = ("127.0.0.1", target_port)
@@ -242,7 +243,12 @@ class TcpProxy:
         self.sockets: list[socket.socket] = []
         self.lock = threading.Lock()
         self.closed = False
+        self.frozen = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def freeze(self) -> None:
+        """From now on: connections are accepted, nothing is relayed either way."""
+        self.frozen.set()
 
     def _accept(self) -> None:
         while not self.closed:
@@ -250,6 +256,9 @@ class TcpProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.frozen.is_set():
+                self.sockets.append(client)  # held open, never answered
+                continue
             try:
                 upstream = socket.create_connection(self.target)
             except OSError:
@@ -264,10 +273,11 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
+                if self.frozen.is_set():
+                    continue  # swallowed: the other side waits for ever
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)

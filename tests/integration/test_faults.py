@@ -1,6 +1,7 @@
 """Faults against the real services, each with the message the user sees."""
 
 import json
+import signal
 import time
 
 import pytest
@@ -171,3 +172,87 @@ def test_stack_up_when_postgres_refuses(tmp_path, aws_env):
     assert not any(s.running for s in stack.status(tmp_path / "stack"))
     state = tmp_path / "stack" / "stack.json"
     assert not state.exists() or PG_PASSWORD not in state.read_text()
+
+
+# An endpoint that accepts connections and never answers (a hung server, a black-holed
+# network): every call has a bounded total time, and SIGTERM ends the process in bounded
+# time even then. The subprocess waits below are generous bounds, not measurements.
+
+def frozen_mid_run(moto, server, aws_env, tmp_path, root: str, *, s3: bool, **env: str):
+    """A run whose S3 endpoint (s3=True) or tracking server freezes once validate has
+    published: (process, proxy)."""
+    upload_demo(moto, root)
+    target = moto.endpoint if s3 else server.tracking_uri
+    proxy = TcpProxy(int(target.rsplit(":", 1)[1]))
+    proxied = f"http://127.0.0.1:{proxy.port}"
+    extra = {"AWS_ENDPOINT_URL": proxied} if s3 else {"MLFLOW_TRACKING_URI": proxied}
+    proc = start_trainpipe("run", "tracking=server", "lake=s3", f"lake.root=s3://{LAKE_BUCKET}/"
+                           f"{root}", f"tracking.experiment={root}", *FAST, cwd=tmp_path,
+                           env=run_env(server, aws_env, **extra, **env))
+    deadline = time.monotonic() + 180
+    while not any(k.endswith("manifest.json")
+                  for k in s3_keys(moto, LAKE_BUCKET, f"{root}/landing/")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the validate step never published"
+        time.sleep(0.05)
+    proxy.freeze()
+    return proc, proxy
+
+
+@pytest.mark.slow
+def test_a_frozen_s3_endpoint_fails_the_run_within_its_time_limit(server, database, moto,
+                                                                  aws_env, tmp_path):
+    proc, proxy = frozen_mid_run(moto, server, aws_env, tmp_path, "frozen-s3", s3=True,
+                                 TRAINPIPE_S3_TIMEOUT="5")
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proxy.close()
+    err = one_line(err)
+    assert proc.returncode == 1, out + err
+    assert "did not finish within 5 s" in err and "accepts connections but does not answer" in err
+    assert "Traceback" not in err
+    runs = runs_of(database, "frozen-s3")
+    assert runs and "RUNNING" not in {r["status"] for r in runs}
+    check_manifests(moto, "frozen-s3")  # what was published is whole
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("frozen", ["s3", "tracking"])
+def test_sigterm_ends_the_process_even_when_a_server_hangs(server, database, moto, aws_env,
+                                                           tmp_path, frozen):
+    root = f"sigterm-{frozen}"
+    proc, proxy = frozen_mid_run(moto, server, aws_env, tmp_path, root, s3=frozen == "s3")
+    try:
+        time.sleep(1)  # calls are now hanging on the frozen server
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)  # bounded: ~15 s to wind down, then exit
+    finally:
+        proxy.close()
+    assert proc.returncode == 130, out + err
+    assert "interrupted" in err
+    if frozen == "s3":  # the tracking server answers: every run ended KILLED or FINISHED
+        statuses = {r["status"] for r in runs_of(database, root)}
+        assert "RUNNING" not in statuses and "KILLED" in statuses
+    else:  # it could not be told; the next run marks what was left RUNNING as KILLED
+        result = trainpipe("run", "tracking=server", "lake=s3",
+                           f"lake.root=s3://{LAKE_BUCKET}/{root}", f"tracking.experiment={root}",
+                           *FAST, cwd=tmp_path, env=run_env(server, aws_env))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "RUNNING" not in {r["status"] for r in runs_of(database, root)}
+
+
+def test_a_frozen_tracking_server_is_named_before_any_work(server, moto, aws_env, tmp_path):
+    proxy = TcpProxy(int(server.tracking_uri.rsplit(":", 1)[1]))
+    proxy.freeze()
+    try:
+        result = trainpipe("run", "tracking=server",
+                           f"tracking.uri=http://127.0.0.1:{proxy.port}", "lake=s3",
+                           f"lake.root=s3://{LAKE_BUCKET}/frozen-server", *FAST, cwd=tmp_path,
+                           env=run_env(server, aws_env), timeout=120)
+    finally:
+        proxy.close()
+    err = one_line(result.stderr)
+    assert result.returncode == 2, result.stdout + err
+    assert f"http://127.0.0.1:{proxy.port} cannot be reached (timed out)" in err
+    assert s3_keys(moto, LAKE_BUCKET, "frozen-server/") == []  # before any work
