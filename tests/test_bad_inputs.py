@@ -8,6 +8,8 @@ MLflow store and a lake that already holds a good run's outputs.
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,3 +446,19 @@ def test_checks_beyond_the_schema_can_be_turned_off(template, tmp_path, monkeypa
     assert result.exit_code == 3 and "every value is missing" in result.stderr
     result = invoke(folder, [*make(folder), nullable, "validate.all_null_columns=false", *FAST])
     assert result.exit_code == 0, result.output
+
+
+def test_a_huge_cell_in_a_failure_is_shown_cut_and_quickly(tmp_path):
+    """A 1 MB text cell in a number column: the message shows its first characters, and the
+    run ends (redaction and reporting cost what the shown part costs)."""
+    df = good()
+    df.loc[3, "lead_time"] = "x" * 1_000_000
+    path = tmp_path / "huge.csv"
+    df.to_csv(path, index=False)
+    result = subprocess.run([sys.executable, "-m", "trainpipe", "run", f"dataset.source={path}",
+                             f"lake.root={tmp_path / 'lake'}",
+                             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "lead_time" in result.stderr and "row 3: 'xxxxxxxx" in result.stderr
+    assert "x" * 100 not in result.stderr and "…" in result.stderr

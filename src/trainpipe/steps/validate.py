@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from trainpipe import coerce
 from trainpipe.catalog import Table
 from trainpipe.errors import DataValidationError
+from trainpipe.redaction import shorten
 from trainpipe.schema import build_schema, parse_options
 from trainpipe.steps import Report, split
 from trainpipe.steps.ingest import RawTable
@@ -22,6 +23,7 @@ from trainpipe.steps.ingest import RawTable
 ZONE = "landing"
 OUTPUTS = {"validated": Table("train.parquet"), "scoring": Table("scoring.parquet", optional=True)}
 EXAMPLES = 5  # example failing values shown per column and check
+EXAMPLE_CHARS = 80  # characters of an example value shown
 
 
 def run(cfg: DictConfig, raw: RawTable, raw_scoring: RawTable | None) -> tuple[dict, Report]:
@@ -238,6 +240,9 @@ COLUMN_CHECKS = ("column_in_dataframe", "column_in_schema", "rows_per_class", "r
 
 
 def _failure(source, column, check, count, examples, message=None) -> dict:
+    # An example is shown, never a whole cell: a 1 MB value is cut (and redacted) first.
+    examples = [e | {"value": shorten(e["value"])} if isinstance(e.get("value"), str)
+                and len(e["value"]) > EXAMPLE_CHARS else e for e in examples]
     return {"source": source, "column": column, "check": check, "rows": int(count),
             "examples": examples, "message": message or _describe(check)}
 
