@@ -169,9 +169,20 @@ class Registry:
         return _version(made), True
 
     def set_tags(self, version: Version, tags: dict[str, str]) -> None:
+        from mlflow.exceptions import MlflowException
+
         for key, value in tags.items():
-            self.client.set_model_version_tag(version.name, str(version.version), key,
-                                              redact_text(str(value)))
+            for attempt in range(3):
+                try:
+                    self.client.set_model_version_tag(version.name, str(version.version), key,
+                                                      redact_text(str(value)))
+                    break
+                except MlflowException as exc:
+                    # The store sets a tag by select-then-insert: two runs setting the same
+                    # tag at once (both crowning over one champion) collide on its key. The
+                    # tag exists now, so a second try updates it.
+                    if "unique" not in str(exc).lower() or attempt == 2:
+                        raise
 
     def move(self, version: Version, alias: str, move: Move,
              tags: dict[str, str] | None = None) -> Version | None:

@@ -13,8 +13,8 @@ count from the file's first data row), scored with the step's `score`, and appen
 local file that is published at the output URL in one move or upload once every row has
 passed. Invalid data stops it with the validation report (exit 3) and nothing at the output.
 
-`serve` runs MLflow's scoring server (`mlflow models serve`, local environment) as a
-process supervised by trainpipe.supervise, until Ctrl-C or SIGTERM.
+`serve` runs MLflow's scoring server (the app `mlflow models serve` runs, see
+scoring_app.py) as a process supervised by trainpipe.supervise, until Ctrl-C or SIGTERM.
 """
 
 import json
@@ -30,14 +30,16 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from trainpipe import lake, supervise
+from trainpipe import coerce, lake, supervise
 from trainpipe.errors import ConfigError, DataValidationError, Interrupted
 from trainpipe.redaction import redact_text, redact_uri
+from trainpipe.schema import parse_options
 from trainpipe.steps import Report
 from trainpipe.steps.predict import CHUNK_ROWS, input_columns, score
 
 CHAMPION = "champion"
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+SERVER_MODEL_PATH = "__pyfunc_model_path__"  # where MLflow's scoring app finds its model
 SERVE_TIMEOUT = 300  # seconds for the server to load the model and answer /ping
 
 
@@ -274,6 +276,7 @@ class ChunkedValidation:
         self.chunk_dataset = OmegaConf.create(per_chunk)
         self.chunk_checks = OmegaConf.merge(self.checks, {
             "min_rows": 1, "unique_id": False, "all_null_columns": False})
+        self.na_values = parse_options(self.dataset)["na_values"]
         self.rows = 0
         self.failures: dict[tuple, dict] = {}
         self.present: set[str] = set()  # columns of the file
@@ -284,7 +287,7 @@ class ChunkedValidation:
         """The validated chunk, or None when it fails."""
         self.rows += len(chunk)
         self.present |= set(map(str, chunk.columns))
-        self.with_values |= {str(c) for c in chunk.columns if chunk[c].notna().any()}
+        self.with_values |= {str(c) for c in chunk.columns if self._has_value(chunk[c])}
         validated, failures = _check_chunk(self.chunk_dataset, self.chunk_checks, chunk,
                                            self.source)
         for column in self.unique:  # as the check left it: coerced to its type if it could be
@@ -301,6 +304,14 @@ class ChunkedValidation:
                 merged["examples"] = (merged["examples"]
                                       + failure["examples"])[:self.validate.EXAMPLES]
         return validated
+
+    def _has_value(self, values: pd.Series) -> bool:
+        """A cell that is neither null nor text the dataset calls missing (a CSV's empty
+        cell is read as '')."""
+        present = values.notna()
+        if values.dtype == object or isinstance(values.dtype, pd.StringDtype):
+            present &= ~values.isin(self.na_values)
+        return bool(present.any())
 
     def finish(self) -> list[dict]:
         """Every failure, the whole-file checks included."""
@@ -338,10 +349,15 @@ class ChunkedValidation:
             return None
         rows = np.flatnonzero(np.isin(hashes, repeated))  # every row of a repeated value
         wanted = set(rows[:self.validate.EXAMPLES].tolist())
-        as_int = self.dataset.columns[column].type == "int"
-        examples = [{"row": int(i), "value": self.validate._plain(x, as_int)}
-                    for values in self.column_values(column)
-                    for i, x in values[values.index.isin(wanted)].items()]
+        spec = self.dataset.columns[column]
+        examples = []
+        for values in self.column_values(column):  # shown as validate shows them: typed
+            picked = values[values.index.isin(wanted)]
+            typed, _, _ = coerce.parse(picked, spec.type, nullable=True,
+                                       date_format=spec.get("format"),
+                                       **parse_options(self.dataset))
+            examples += [{"row": int(i), "value": self.validate._plain(x, spec.type == "int")}
+                         for i, x in typed.items()]
         return self.validate._failure(self.source, column, "field_uniqueness", len(rows),
                                       examples)
 
@@ -461,9 +477,11 @@ def serve(cfg: DictConfig, model_uri: str | None, host: str, port: int,
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / f"server-{port}.log"
     # The tracking URI (perhaps with a password) goes in the environment, not the command.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model.version,
-           "--env-manager", "local", "-h", host, "-p", str(port)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, SERVER_MODEL_PATH: model.version}
+    # As `mlflow models serve --env-manager local` runs it, but for the CSV reading
+    # (scoring_app.py).
+    cmd = [sys.executable, "-m", "uvicorn", "--host", host, "--port", str(port),
+           "trainpipe.scoring_app:app"]
     base = f"http://{_client_host(host)}:{port}"
     with sigterm_interrupts():
         process = supervise.start(cmd, env=env, cwd=os.getcwd(), log=log,

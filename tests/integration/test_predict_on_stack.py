@@ -58,7 +58,11 @@ def test_predictions_on_the_stack(server, database, moto, aws_env, tmp_path):
     [parent] = [r for r in runs_of(database, "pred")
                 if r["tags"].get("trainpipe.kind") == "pipeline"]
     model_uri = parent["tags"]["trainpipe.model_uri"]
-    assert list(step["id"]) == list(rows["id"]) and set(step["model_version"]) == {model_uri}
+    # the step names the version the run registered
+    [registered] = {r["tags"]["trainpipe.registered_version"] for r in runs_of(database, "pred")
+                    if "trainpipe.registered_version" in r["tags"]}
+    assert list(step["id"]) == list(rows["id"])
+    assert set(step.pop("model_version")) == {f"models:/hotel_bookings/{registered}"}
 
     # the command: S3 in, S3 out, the run on the server
     output = f"s3://{LAKE_BUCKET}/pred/scored/predictions.parquet"
@@ -69,6 +73,7 @@ def test_predictions_on_the_stack(server, database, moto, aws_env, tmp_path):
     assert "400 rows scored" in scored.stdout
     got = pd.read_parquet(io.BytesIO(s3_read(moto, LAKE_BUCKET,
                                              "pred/scored/predictions.parquet")))
+    assert set(got.pop("model_version")) == {model_uri}  # the command names what it was given
     pd.testing.assert_frame_equal(got, step)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "lake").exists()
     [run] = [r for r in runs_of(database, "pred") if r["tags"].get("trainpipe.kind") == "predict"]

@@ -89,3 +89,36 @@ def test_register_and_the_champion_on_the_stack(server, database, moto, aws_env,
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     rows = demo.hotel_bookings(rows=20, seed=4).drop(columns=["booking_status"])
     assert len(model.predict(rows)) == 20
+
+
+def test_runs_setting_one_tag_at_once_all_succeed(server, database, aws_env, monkeypatch):
+    """Two runs crowning over one champion set the same tags on it at once. The store sets a
+    tag by select-then-insert, so one of them failed on the tag's key (seen in CI with two
+    configs at once); now every writer's call succeeds and the tag holds one of the values."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import compose
+    from trainpipe.registry import Registry, _version
+
+    for key, value in aws_env.items():
+        monkeypatch.setenv(key, value)
+    registry = Registry(compose(f"tracking.uri={server.tracking_uri}"))
+    registry.client.create_registered_model("racing")
+    made = registry.client.create_model_version("racing", "s3://nowhere/model")
+    target = _version(made)
+
+    def crown(writer: int) -> None:
+        for round_ in range(10):
+            registry.set_tags(target, {f"trainpipe.race.{round_}": f"writer {writer}"})
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(crown, range(6)))  # raises what any writer raised
+    tags = version_tags_of(database, "racing", int(made.version))
+    assert {k: v.startswith("writer ") for k, v in tags.items() if "race" in k} == {
+        f"trainpipe.race.{r}": True for r in range(10)}
+
+
+def version_tags_of(database, name: str, version: int) -> dict[str, str]:
+    return dict(database.query(
+        "select key, value from model_version_tags where name = %s and version = %s",
+        (name, version)))
