@@ -77,3 +77,39 @@ def test_an_error_in_a_step_ends_runs_failed(demo_lake):
     published = [s for s in ("validate", "split", "features", "train")
                  if list(demo_lake.glob(f"lake/*/hotel_bookings/{s}/*/manifest.json"))]
     assert published == ["validate", "split", "features"]  # what finished is kept
+
+
+def test_no_caller_blocks_on_a_tracker_that_stopped_reading():
+    """A tracker stuck in a call (a frozen tracking server) stops reading its pipe; a big
+    call (a model) then fills it. Seen under load: the publishing thread blocked in the send
+    while holding the call lock, and the main thread, ending the runs after SIGTERM, blocked
+    behind it for ever. Calls are queued now: each caller waits on its Pending, with a
+    timeout, and discarding the tracker fails whatever was still waiting."""
+    import socket
+    import threading
+    from multiprocessing.connection import Connection
+
+    from trainpipe.tracker import Tracker, TrackerLost
+
+    ours, theirs = socket.socketpair()  # the other end lives in a process that never reads
+    frozen = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
+                              pass_fds=[theirs.fileno()])
+    theirs.close()
+    tracker = Tracker(frozen, Connection(ours.detach()), open("/dev/null", "rb"))  # noqa: SIM115
+    model = b"x" * 20_000_000  # far more than a socket buffer holds
+    answered = {}
+
+    def calls() -> None:
+        answered["model"] = tracker.call("log_model", model)
+        answered["end"] = tracker.call("end_open_runs", "KILLED")
+
+    caller = threading.Thread(target=calls, daemon=True)
+    caller.start()
+    caller.join(60)
+    assert not caller.is_alive(), "a call blocked on the tracker's pipe"
+    with pytest.raises(TimeoutError, match="did not answer within 1 s"):
+        answered["end"].result(1)
+    tracker.discard()
+    for pending in answered.values():
+        with pytest.raises(TrackerLost):
+            pending.result(60)

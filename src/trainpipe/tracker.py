@@ -22,6 +22,7 @@ KILLED and exits.
 
 import os
 import pickle
+import queue
 import signal
 import socket
 import subprocess
@@ -99,9 +100,16 @@ class Tracker:
         self._sent: list[Pending] = []
         self._lock = threading.Lock()
         self._lost: BaseException | None = None
+        # Calls are sent by a thread of their own: a tracker stuck in a call stops reading,
+        # and a big call (a model) then blocks on the full pipe. No caller may block there
+        # too; a caller waits on its Pending, with the timeout it chooses.
+        self._outbox: queue.Queue[bytes | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, name="trainpipe-tracker",
                                         daemon=True)
+        self._writer = threading.Thread(target=self._write, name="trainpipe-tracker-send",
+                                        daemon=True)
         self._reader.start()
+        self._writer.start()
 
     @classmethod
     def start(cls) -> "Tracker":
@@ -129,12 +137,8 @@ class Tracker:
             pending = Pending(self._calls)
             self._pending[pending.call] = pending
             self._sent.append(pending)
-            try:
-                self.conn.send_bytes(pickle.dumps((pending.call, method, args, kwargs),
-                                                  protocol=pickle.HIGHEST_PROTOCOL))
-            except OSError as exc:
-                self._lost = self._lost_error(exc)
-                raise self._lost from None
+            self._outbox.put(pickle.dumps((pending.call, method, args, kwargs),
+                                          protocol=pickle.HIGHEST_PROTOCOL))
         return pending
 
     def raise_errors(self) -> None:
@@ -163,8 +167,16 @@ class Tracker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc.wait()
+        self._outbox.put(None)
         self.conn.close()
         self.log.close()
+
+    def _write(self) -> None:
+        try:
+            while (message := self._outbox.get()) is not None:
+                self.conn.send_bytes(message)
+        except (OSError, ValueError) as exc:  # ValueError: discard() closed the connection
+            self._lose(exc)
 
     def _read(self) -> None:
         try:
@@ -172,11 +184,16 @@ class Tracker:
                 call, value, error = pickle.loads(self.conn.recv_bytes())
                 self._pending.pop(call)._set(value, error)
         except (EOFError, OSError) as exc:
-            with self._lock:
+            self._lose(exc)
+
+    def _lose(self, exc: BaseException) -> None:
+        """The tracker is gone: every call waiting for it, and every later one, fails."""
+        with self._lock:
+            if self._lost is None:
                 self._lost = self._lost_error(exc)
-                for pending in self._pending.values():
-                    pending._set(error=self._lost)
-                self._pending.clear()
+            for pending in self._pending.values():
+                pending._set(error=self._lost)
+            self._pending.clear()
 
     def _lost_error(self, exc: BaseException) -> TrackerLost:
         code = self.proc.poll()
