@@ -263,6 +263,14 @@ CASES = [
          ["model.preprocessing.categorical_encoding='bogus': must be onehot or ordinal"]),
     Case("unknown_top_level_key", overrides("+sed=3"), 2,
          ["sed: unknown key (did you mean 'seed'?)"]),
+    # Typed as users type them, without Hydra's `+`: the same words, not Hydra's advice.
+    Case("unknown_key_without_plus", overrides("sed=3"), 2,
+         ["sed: unknown key (did you mean 'seed'?)"], absent=["To append to your config"]),
+    Case("unknown_dataset_key_without_plus", overrides("dataset.targte=x"), 2,
+         ["'targte': did you mean 'target'?"], absent=["To append to your config"]),
+    Case("unknown_model_param", overrides("model.params.n_estimator=50"), 2,
+         ["model.params.n_estimator: RandomForestClassifier takes no such parameter (did you "
+          "mean 'n_estimators'?)"]),
     Case("lightgbm_negative_trees", overrides("model=lightgbm", "model.params.n_estimators=-5"),
          2, ["model.params: lightgbm.LGBMClassifier refuses them: Number of boosting rounds "
              "must be greater than 0. Got -5."]),

@@ -63,3 +63,17 @@ def test_unquoted_yes_no_in_a_str_column_is_explained(task_config, tmp_path):
     path.write_text(path.read_text().replace("'yes', 'no'", "yes, no"))
     with pytest.raises(ConfigError, match=r"dataset.columns.label.values.*quote them"):
         compose("dataset=toy_binary", config_dir=conf)
+
+
+def test_a_dataset_key_the_file_leaves_out_is_set_without_a_plus(task_config):
+    """A dataset file written by hand or by `dataset init` may leave out optional keys;
+    `dataset.scoring_source=...` sets one as the README writes it (Hydra alone asks for
+    `+dataset.scoring_source=...`)."""
+    conf = task_config("binary")
+    written = (conf / "dataset/toy_binary.yaml").read_text()
+    assert "scoring_source" not in written
+    cfg = compose("dataset=toy_binary", "dataset.scoring_source=/data/new.csv",
+                  config_dir=conf)
+    assert cfg.dataset.scoring_source == "/data/new.csv"
+    with pytest.raises(ConfigError, match=r"did you mean 'scoring_source'"):
+        compose("dataset=toy_binary", "dataset.scoring_sorce=/data/new.csv", config_dir=conf)

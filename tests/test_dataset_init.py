@@ -318,3 +318,25 @@ def test_the_written_digest_covers_every_line_below_it(workdir):
     digest = first.rsplit(" ", 1)[1]
     assert first.startswith("# trainpipe dataset init · sha256 of the lines below: ")
     assert digest == dataset_init._sha(rest)
+
+
+def test_yes_no_columns_are_booleans_and_doubtful_numbers_are_marked(workdir):
+    """Found by a new user: a yes/no column was written as text (then `Yes` in new rows
+    failed), and a column of numbers with a few stray words became a category without a
+    word."""
+    rows = 400
+    df = pd.DataFrame({
+        "id": range(rows),
+        "support": np.where(np.arange(rows) % 3 == 0, "yes", "no"),
+        "age": [str(20 + i % 50) for i in range(rows)],
+        "label": np.where(np.arange(rows) % 4 == 0, "churn", "stay"),
+    })
+    df.loc[[5, 9], "age"] = ["abc", "n/a"]
+    df.to_csv(workdir / "customers.csv", index=False)
+    result = init(workdir, str(workdir / "customers.csv"), "--target", "label")
+    assert result.exit_code == 0, result.output
+    text, ds = written(workdir, "customers")
+    assert OmegaConf.to_container(ds.columns)["support"] == {"type": "bool"}
+    assert ds.columns.label.type == "str"  # labels stay labels
+    checks = dict(re.findall(r"^ *([\w\"]+): .*# check: (.*)$", text, re.M))
+    assert checks["age"].startswith("numbers but for 2 value(s) such as 'abc': written as text")

@@ -56,7 +56,7 @@ def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
             raise ConfigError(f"--config-dir {config_dir}: no such folder")
         overrides = [f"hydra.searchpath=[file://{path}]", *overrides]
     with initialize_config_dir(str(CONF_DIR), version_base=None):
-        cfg = _parse(lambda o: hydra_compose("config", overrides=o), overrides)
+        cfg = _parse(lambda o: hydra_compose("config", overrides=o), _adding(overrides))
     OmegaConf.set_struct(cfg, False)
     _sources_beside_the_dataset_file(cfg, overrides, config_dir)
     try:
@@ -248,6 +248,31 @@ def to_yaml(cfg: DictConfig) -> str:
 
     return yaml.safe_dump(OmegaConf.to_container(cfg, resolve=True), sort_keys=False,
                           width=2**31 - 1, allow_unicode=True)
+
+
+def _adding(overrides: list[str]) -> list[str]:
+    """`key=value` for a key the composed config does not hold is what a user means by
+    Hydra's `+key=value` (a dataset file without `scoring_source`, say): add it, and let
+    `check` name a key that is not trainpipe's, with a "did you mean", instead of Hydra's
+    advice to type `+`."""
+    from hydra import compose as hydra_compose
+    from hydra.errors import ConfigCompositionException
+
+    overrides = list(overrides)
+    for _ in range(len(overrides)):
+        try:
+            hydra_compose("config", overrides=overrides)
+            return overrides
+        except ConfigCompositionException as exc:
+            absent = re.match(r"Could not override '([^']+)'", str(exc))
+            at = [i for i, o in enumerate(overrides) if absent and o.startswith(
+                f"{absent[1]}=")]
+            if not at:
+                return overrides  # another problem: compose says which
+            overrides[at[0]] = "+" + overrides[at[0]]
+        except Exception:  # noqa: BLE001 - compose says what it is
+            return overrides
+    return overrides
 
 
 def _parse(fn, overrides):

@@ -46,6 +46,7 @@ ISO_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?"
 OTHER_DATE = re.compile(r"\d{1,2}[./-]\d{1,2}[./-]\d{2,4}([T ].*)?")
 WHOLE_NUMBER = re.compile(r"[+-]?\d+")
 LEADING_ZERO = re.compile(r"[+-]?0\d")
+WORD_BOOLEANS = {"true", "false", "yes", "no"}  # text read as bool (0/1 stay numbers)
 PLAIN_YAML = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "nan", "inf"}
 DIGEST_LINE = re.compile(r"# trainpipe dataset init · sha256 of the lines below: ([0-9a-f]{64})\n")
@@ -262,8 +263,22 @@ def _column(s: pd.Series, text: pd.Series | None, notes: dict[str, str],
         spec = {"type": "datetime"}
     else:
         as_text = present.astype(str)
+        spelled = set(as_text.str.strip().str.lower().unique())
+        numeric = pd.to_numeric(as_text, errors="coerce").notna()
         if as_text.str.fullmatch(ISO_DATETIME).all():
             spec = {"type": "datetime"}
+        elif len(spelled) == 2 and spelled <= WORD_BOOLEANS and any(
+                spelled == {t, f} for t, f in zip(coerce.TRUE_VALUES, coerce.FALSE_VALUES,
+                                                  strict=True)):
+            # yes/no, true/false: trainpipe reads these spellings as booleans
+            spec = {"type": "bool"}
+        elif 0.9 <= numeric.mean() < 1:
+            odd = as_text[~numeric]
+            notes[key] = (f"numbers but for {len(odd)} value(s) such as {odd.iloc[0]!r}: "
+                          "written as text (a category); if those are errors, make it int or "
+                          "float and validation will name their rows")
+            if as_text.nunique() <= MAX_VALUES:
+                spec["values"] = sorted(as_text.unique())
         else:
             if as_text.str.fullmatch(OTHER_DATE).all():
                 notes[key] = (f"dates not in ISO 8601 (e.g. {as_text.iloc[0]!r}): written as "
@@ -397,6 +412,9 @@ def _as_target(spec: dict[str, Any], s: pd.Series, task: str, target: str) -> No
         return
     spec.pop("min", None)
     spec.pop("max", None)
+    if spec["type"] == "bool" and not {str(v).lower() for v in s.dropna().unique()} <= {
+            "true", "false"}:
+        spec["type"] = "str"  # yes/no labels stay labels: the positive class names one
     if spec["type"] != "bool":
         labels = s.dropna().unique()
         if spec["type"] in ("int", "float"):

@@ -33,6 +33,15 @@ def build_estimator(model_cfg: DictConfig):
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if unknown:
+            import inspect
+
+            from trainpipe.config import did_you_mean
+
+            takes = set(inspect.signature(cls).parameters) - {"kwargs"}
+            raise ConfigError(f"model.params.{unknown[1]}: {cls.__name__} takes no such "
+                              f"parameter{did_you_mean(unknown[1], takes)}") from None
         raise ConfigError(f"model.params: {exc}") from None
 
 
