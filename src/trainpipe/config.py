@@ -47,7 +47,6 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
 
 def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
     """The resolved config for one run; every error is a ConfigError naming the key."""
-    from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     if config_dir is not None:
@@ -56,7 +55,7 @@ def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
             raise ConfigError(f"--config-dir {config_dir}: no such folder")
         overrides = [f"hydra.searchpath=[file://{path}]", *overrides]
     with initialize_config_dir(str(CONF_DIR), version_base=None):
-        cfg = _parse(lambda o: hydra_compose("config", overrides=o), _adding(overrides))
+        cfg = _parse(_compose_adding, overrides)
     OmegaConf.set_struct(cfg, False)
     _sources_beside_the_dataset_file(cfg, overrides, config_dir)
     try:
@@ -250,29 +249,25 @@ def to_yaml(cfg: DictConfig) -> str:
                           width=2**31 - 1, allow_unicode=True)
 
 
-def _adding(overrides: list[str]) -> list[str]:
-    """`key=value` for a key the composed config does not hold is what a user means by
-    Hydra's `+key=value` (a dataset file without `scoring_source`, say): add it, and let
-    `check` name a key that is not trainpipe's, with a "did you mean", instead of Hydra's
-    advice to type `+`."""
+def _compose_adding(overrides: list[str]) -> DictConfig:
+    """Hydra's compose, where `key=value` for a key the composed config does not hold is
+    what a user means by Hydra's `+key=value` (a dataset file without `scoring_source`, say):
+    it is added, and `check` names a key that is not trainpipe's, with a "did you mean",
+    instead of Hydra's advice to type `+`."""
     from hydra import compose as hydra_compose
     from hydra.errors import ConfigCompositionException
 
     overrides = list(overrides)
-    for _ in range(len(overrides)):
+    while True:
         try:
-            hydra_compose("config", overrides=overrides)
-            return overrides
+            return hydra_compose("config", overrides=overrides)
         except ConfigCompositionException as exc:
             absent = re.match(r"Could not override '([^']+)'", str(exc))
             at = [i for i, o in enumerate(overrides) if absent and o.startswith(
                 f"{absent[1]}=")]
             if not at:
-                return overrides  # another problem: compose says which
+                raise
             overrides[at[0]] = "+" + overrides[at[0]]
-        except Exception:  # noqa: BLE001 - compose says what it is
-            return overrides
-    return overrides
 
 
 def _parse(fn, overrides):
