@@ -68,7 +68,10 @@ def start_serve(model: dict, *args: str, cwd: Path, timeout: float = 180) -> Ser
             proc.wait()
             return serving
         serving.lines.append(line.rstrip("\n"))
-    serving.url = re.search(r" at (http://\S+) ", serving.lines[1])[1]
+    [serving.url] = [found[1] for line in serving.lines
+                     if (found := re.search(r"^trainpipe serve .* at (http://\S+) ", line))]
+    assert serving.lines[0].startswith("starting") and serving.lines[1].startswith(
+        "trainpipe serve"), serving.output()  # nothing of MLflow's between
 
     def drain():
         while (line := lines.get()) is not None:

@@ -51,6 +51,8 @@ def quiet_mlflow() -> None:
 
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.ERROR)
+    # a progress bar per downloaded file (a model's input example for serve's curl line)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
 
 
