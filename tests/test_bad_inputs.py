@@ -24,6 +24,8 @@ from tests.conftest import FAST
 from trainpipe import demo
 from trainpipe.cli import app
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 
 @dataclass
 class Case:

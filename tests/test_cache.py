@@ -18,6 +18,8 @@ from trainpipe import cache, demo
 from trainpipe.cli import app
 from trainpipe.lake import Lake
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 STEPS = ["ingest", "validate", "split", "features", "train", "evaluate"]
 
 

@@ -12,6 +12,8 @@ from mlflow.exceptions import MlflowException
 from tests.conftest import FAST
 from tests.test_cache import invoke, ran
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 LGBM = ["model=lightgbm", "model.params.n_estimators=30"]
 # Up to evaluate: models nobody registered (a registered one is never deleted: see the end)
 RUN = ["run", "--to", "evaluate"]

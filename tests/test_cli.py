@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import FAST, HOTEL, REPO, runs, trainpipe
 from trainpipe import demo
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 STEPS = ["ingest", "validate", "split", "features", "train", "evaluate", "register"]
 
 

@@ -15,6 +15,8 @@ from tests.conftest import FAST, HOTEL, task_table, trainpipe
 from trainpipe import dataset_init
 from trainpipe.cli import app
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 
 def generated_table(task: str, rows: int = 600, seed: int = 0) -> pd.DataFrame:
     """conftest's task table (nulls, a date, a bool, a constant text) with what a real

@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import runs, trainpipe
 from trainpipe import demo
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 
 def statuses(workdir) -> dict[str, str]:
     df = runs(workdir)

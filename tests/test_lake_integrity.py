@@ -12,6 +12,8 @@ from tests.conftest import FAST
 from trainpipe.cli import app
 from trainpipe.lake import DamagedOutput, Lake, OutsideLake
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 
 def invoke(folder: Path, *args: str):
     return CliRunner().invoke(app, ["run", *FAST, *args,

@@ -4,8 +4,11 @@ import os
 import subprocess
 
 import mlflow
+import pytest
 
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
 
 
 def mlflow_run(workdir, *args: str) -> subprocess.CompletedProcess:

@@ -18,6 +18,8 @@ from trainpipe import demo, lake, serving
 from trainpipe.cli import app
 from trainpipe.errors import ConfigError, DataValidationError
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 SCORING_ROWS = 300
 
 

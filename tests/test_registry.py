@@ -17,6 +17,8 @@ from trainpipe.cli import app
 from trainpipe.errors import ConfigError
 from trainpipe.steps.register import Criteria, decide, metric_names
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 WORSE = ["model.params.n_estimators=1", "model.params.max_depth=1"]
 
 

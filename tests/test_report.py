@@ -20,6 +20,8 @@ from tests.test_interrupts import FAILING_FIT
 from tests.test_steps import run_through
 from trainpipe import demo
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

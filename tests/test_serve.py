@@ -22,6 +22,8 @@ import pytest
 from tests.conftest import FAST, trainpipe
 from trainpipe import demo, supervise
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 READY = "Ctrl-C stops it."
 
 

@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import FAST, runs, trainpipe
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 # trainpipe (or, with "mlflow" as first argument, bare MLflow) with one change, in every
 # process it starts (the store is made by its tracker process): in the middle of the store's
 # migrations, as the table MLflow's own error names is created, the process says so in a

@@ -6,6 +6,8 @@ import pytest
 
 from tests.conftest import runs, task_table, trainpipe
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 
 @pytest.mark.parametrize("task,metric,floor", [
     ("binary", "test_roc_auc", 0.8),

@@ -24,6 +24,8 @@ from integration_support import (
 
 from trainpipe import stack, supervise
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 
 def one_line(text: str) -> str:
     return " ".join(text.split())

@@ -10,6 +10,8 @@ from trainpipe import config, lake
 from trainpipe.errors import ConfigError, SourceError
 from trainpipe.lake import Lake, LakeUnavailable, read_source, to_parquet_bytes
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 
 @pytest.fixture
 def s3_env(aws_env, monkeypatch):

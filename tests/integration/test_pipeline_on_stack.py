@@ -18,6 +18,8 @@ from integration_support import (
 
 from trainpipe import demo
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 STEPS = {"ingest", "validate", "split", "features", "train", "evaluate", "register"}
 
 

@@ -13,6 +13,7 @@ import time
 import urllib.request
 
 import pandas as pd
+import pytest
 from integration_support import (
     FAST,
     LAKE_BUCKET,
@@ -28,6 +29,8 @@ from integration_support import (
 from mlflow import MlflowClient
 
 from trainpipe import demo
+
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
 
 
 def test_predictions_on_the_stack(server, database, moto, aws_env, tmp_path):

@@ -3,9 +3,12 @@ versions, aliases and tags are rows in PostgreSQL (through the MLflow server), a
 champion loads through the server from the artifacts bucket."""
 
 import mlflow
+import pytest
 from integration_support import FAST, LAKE_BUCKET, run_env, trainpipe, upload_demo
 
 from trainpipe import demo
+
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
 
 NAME = "stack_hotels"
 WORSE = ("model.params.n_estimators=1", "model.params.max_depth=1")

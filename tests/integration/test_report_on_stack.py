@@ -5,6 +5,7 @@ local copy from what the server holds."""
 import re
 from pathlib import Path
 
+import pytest
 from integration_support import (
     ARTIFACTS_BUCKET,
     AWS_SECRET,
@@ -18,6 +19,8 @@ from integration_support import (
     trainpipe,
     upload_demo,
 )
+
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
 
 
 def test_the_report_of_a_run_on_the_stack(server, database, moto, aws_env, tmp_path):

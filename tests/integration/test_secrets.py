@@ -29,6 +29,8 @@ from integration_support import (
 from trainpipe import stack
 from trainpipe.redaction import MASK
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 SECRETS = {"PostgreSQL password": PG_PASSWORD, "AWS secret key": AWS_SECRET}
 
 

@@ -25,6 +25,8 @@ from integration_support import (
 from trainpipe import stack, supervise
 from trainpipe.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 
 def by_name(services) -> dict[str, stack.ServiceStatus]:
     return {s.name: s for s in services}

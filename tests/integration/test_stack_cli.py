@@ -7,6 +7,8 @@ from tests.conftest import trainpipe
 from trainpipe import stack
 from trainpipe.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
 
 def test_stack_commands(tmp_path, own_folder_or_skip):
     folder = own_folder_or_skip
