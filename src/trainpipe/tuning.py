@@ -82,7 +82,8 @@ class Plan:
 def plan(cfg: DictConfig) -> Plan:
     """The tuning plan of a config; every problem is a ConfigError naming its key, raised
     before any trial starts."""
-    space = OmegaConf.to_container(cfg.model.get("search_space") or {}, resolve=True)
+    declared = cfg.model.get("search_space")
+    space = OmegaConf.to_container(declared, resolve=True) if declared is not None else {}
     if not space:
         raise ConfigError(f"model.search_space: {cfg.model.name} has no parameters to search; "
                           "add some, e.g. +model.search_space.max_depth='{type: int, low: 3, "
