@@ -414,7 +414,7 @@ def tune(overrides: Overrides = None,
     """Search model.search_space with Optuna: tune.trials trials (each a nested MLflow run
     under one tune run, fit on train, scored on val), then train the best params in a normal
     run (test evaluation, report, registry gate). Running it again adds trials."""
-    from trainpipe import config, tuning
+    from trainpipe import config, pipeline, tuning
     from trainpipe.tracker import Tracker
 
     words = _overrides(overrides, overrides_text)
@@ -434,8 +434,9 @@ def tune(overrides: Overrides = None,
         raise typer.Exit(code)
     out.rule("search")
     try:
-        found = tuning.search(cfg, words, plan, workers,
-                              lambda m: out.print(m, highlight=False, soft_wrap=True))
+        with pipeline.sigterm_interrupts():  # SIGTERM ends the runs like Ctrl-C
+            found = tuning.search(cfg, words, plan, workers,
+                                  lambda m: out.print(m, highlight=False, soft_wrap=True))
     except (KeyboardInterrupt, Interrupted):
         err.print("[yellow]interrupted[/]: the tune run and its running trials are marked "
                   "KILLED / FAIL; the same command resumes the study")
