@@ -137,3 +137,42 @@ def test_one_worker_on_sqlite_records_nested_trials_and_a_second_command_adds_tr
     assert "5 in the study" in second.stdout
     assert len(study.trials) == 5
     assert "up to date" in second.stdout  # the data steps came from the cache
+
+
+@pytest.mark.slow
+def test_sigterm_mid_trial_ends_the_trial_failed_and_the_tune_run_killed(demo_lake):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trainpipe", "tune", *QUICK, "model.params.n_estimators=3000",
+         "tune.pruner=false", "tune.trials=50"], cwd=demo_lake, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    storage = f"sqlite:///{demo_lake / 'optuna.db'}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                study = optuna.load_study(study_name="hotel_bookings-lightgbm", storage=storage)
+                if any(t.user_attrs.get("trainpipe") for t in study.get_trials(
+                        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))):
+                    break
+            except Exception:  # noqa: BLE001 - no study yet
+                pass
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, out + err
+    states = {t.state.name for t in study.trials}
+    assert "RUNNING" not in states and "FAIL" in states
+    all_runs = runs(demo_lake)
+    assert "RUNNING" not in set(all_runs.status)
+    parent = all_runs[all_runs["tags.trainpipe.kind"] == "tune"].iloc[0]
+    assert parent.status == "KILLED"
+    stopped = all_runs[all_runs["tags.trainpipe.trial.state"] == "FAIL"].iloc[0]
+    assert (stopped.status, stopped["tags.trainpipe.trial.error"]) == ("FAILED", "interrupted")

@@ -363,8 +363,10 @@ class _Objective:
         except Exception as exc:
             self._end_run(run_id, "FAIL", start, curve, {}, f"{type(exc).__name__}: {exc}")
             raise
-        except BaseException:  # Ctrl-C, SIGTERM: the trial did not end by itself
+        except BaseException as exc:  # Ctrl-C, SIGTERM: the trial did not end by itself
             self._end_run(run_id, "FAIL", start, curve, {}, "interrupted")
+            if isinstance(exc, Interrupted):  # Optuna fails a trial on KeyboardInterrupt only
+                raise KeyboardInterrupt(str(exc)) from exc
             raise
         metrics["fit_seconds"] = fit_seconds
         self._end_run(run_id, "COMPLETE", start, curve, metrics)
