@@ -462,7 +462,8 @@ def _progress(worker: Worker) -> Callable:
                    if trial.datetime_complete and trial.datetime_start else 0.0)
         value = f"{metric} {trial.value:.4f}" if trial.value is not None else ""
         try:
-            best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
+            leader = study.best_trial  # one query (best_value would be a second)
+            best = f"best {leader.value:.4f} (trial {leader.number})"
         except ValueError:  # no trial completed yet
             best = ""
         print(f"  trial {trial.number:>4} {trial.state.name:<8} {value:<24} {best:<28} "
