@@ -7,6 +7,7 @@
    (search wall time x workers - the trials' own seconds) / trials.
 
     bench/run tune [--trials 60] [--rate-trials 20] [--workers 2] [--data CSV] [--src DIR]
+    bench/run tune --skip-defaults --skip-quality --rate-workers 1 --override model.params.n_jobs=1
 
 Everything goes to bench/work/tune/ (lake, mlflow.db, optuna.db); the numbers to
 bench/work/tune.json and the terminal.
@@ -64,10 +65,11 @@ def default_auc(data: Path, model: str, env: dict) -> dict:
             "val_roc_auc": run.data.metrics.get("val_roc_auc"), "seconds": seconds}
 
 
-def tune(data: Path, study: str, trials: int, workers: int, env: dict) -> dict:
+def tune(data: Path, study: str, trials: int, workers: int, env: dict,
+         overrides: list[str]) -> dict:
     seconds, out = trainpipe(["tune", "model=lightgbm", f"tune.study={study}",
                               f"tune.trials={trials}", "--workers", str(workers),
-                              *common(data)], env)
+                              *common(data), *overrides], env)
     parent = newest("tune", study)
     final = client().get_run(parent.data.tags["trainpipe.tune.final_run_id"])
     trial_runs = client().search_runs(
@@ -80,7 +82,8 @@ def tune(data: Path, study: str, trials: int, workers: int, env: dict) -> dict:
     for run in trial_runs:
         state = run.data.tags.get("trainpipe.trial.state", "?")
         states[state] = states.get(state, 0) + 1
-    return {"study": study, "trials": trials, "workers": workers, "command_seconds": seconds,
+    return {"study": study, "trials": trials, "workers": workers, "overrides": overrides,
+            "command_seconds": seconds,
             "search_seconds": search, "trials_per_minute": 60 * len(trial_runs) / search,
             "overhead_per_trial": (search * workers - own) / len(trial_runs),
             "mean_fit_seconds": sum(fits) / len(fits) if fits else None,
@@ -96,7 +99,13 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--workers", type=int, default=2, help="for the quality run")
     parser.add_argument("--rate-trials", type=int, default=20)
+    parser.add_argument("--rate-workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--override", action="append", default=[],
+                        help="an override for every tune command (repeatable)")
+    parser.add_argument("--skip-defaults", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-rate", action="store_true")
+    parser.add_argument("--out", type=Path, default=WORK / "tune.json")
     parser.add_argument("--fresh", action="store_true", help="remove bench/work/tune first")
     args = parse_args(parser)
     if args.fresh:
@@ -104,18 +113,20 @@ def main() -> None:
     FOLDER.mkdir(parents=True, exist_ok=True)
     env = run_env(args.src)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    results: dict = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                     "defaults": [default_auc(args.data, m, env)
-                                  for m in ("lightgbm", "random_forest")]}
-    print(json.dumps(results["defaults"], indent=1), flush=True)
-    results["quality"] = tune(args.data, f"bench-quality-{stamp}", args.trials, args.workers,
-                              env)
-    print(json.dumps(results["quality"], indent=1), flush=True)
+    results: dict = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if not args.skip_defaults:
+        results["defaults"] = [default_auc(args.data, m, env)
+                               for m in ("lightgbm", "random_forest")]
+        print(json.dumps(results["defaults"], indent=1), flush=True)
+    if not args.skip_quality:
+        results["quality"] = tune(args.data, f"bench-quality-{stamp}", args.trials,
+                                  args.workers, env, args.override)
+        print(json.dumps(results["quality"], indent=1), flush=True)
     if not args.skip_rate:
         results["rate"] = [tune(args.data, f"bench-rate-{workers}w-{stamp}", args.rate_trials,
-                                workers, env) for workers in (1, 2)]
+                                workers, env, args.override) for workers in args.rate_workers]
         print(json.dumps(results["rate"], indent=1), flush=True)
-    (WORK / "tune.json").write_text(json.dumps(results, indent=1))
+    args.out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
