@@ -82,7 +82,9 @@ def tune(data: Path, study: str, trials: int, workers: int, env: dict,
     for run in trial_runs:
         state = run.data.tags.get("trainpipe.trial.state", "?")
         states[state] = states.get(state, 0) + 1
+    inside, between = steady_overhead(study, trial_runs)
     return {"study": study, "trials": trials, "workers": workers, "overrides": overrides,
+            "overhead_inside_trial": inside, "overhead_between_trials": between,
             "command_seconds": seconds,
             "search_seconds": search, "trials_per_minute": 60 * len(trial_runs) / search,
             "overhead_per_trial": (search * workers - own) / len(trial_runs),
@@ -92,6 +94,30 @@ def tune(data: Path, study: str, trials: int, workers: int, env: dict,
             "tuned_test_roc_auc": final.data.metrics["test_roc_auc"],
             "reproduce": next((line.strip() for line in out.splitlines()
                                if line.strip().startswith("reproduce")), "")}
+
+
+def steady_overhead(study_name: str, trial_runs: list) -> tuple[float, float]:
+    """A trial's cost beyond its objective once the workers run (their start-up aside):
+    inside the trial (Optuna's start to its end, minus the objective's own seconds: the
+    sampling, MLflow's run, the user attribute, the tell) and between two trials of one
+    worker (callbacks, stale-trial check, heartbeat, the next ask). Means, in seconds."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{FOLDER / 'optuna.db'}")
+    own = {r.info.run_id: r.data.metrics.get("trial_seconds", 0.0) for r in trial_runs}
+    inside, by_worker = [], {}
+    for trial in study.trials:
+        attr = trial.user_attrs["trainpipe"]
+        inside.append((trial.datetime_complete - trial.datetime_start).total_seconds()
+                      - own[attr["mlflow_run_id"]])
+        by_worker.setdefault(attr["worker"], []).append(trial)
+    between = []
+    for trials in by_worker.values():
+        trials.sort(key=lambda t: t.datetime_start)
+        between += [(b.datetime_start - a.datetime_complete).total_seconds()
+                    for a, b in zip(trials, trials[1:], strict=False)]
+    return sum(inside) / len(inside), sum(between) / max(1, len(between))
 
 
 def main() -> None:
