@@ -70,6 +70,9 @@ def test_the_plan_defaults_to_the_primary_metric_and_a_store_beside_the_tracking
     on_postgres = compose(*QUICK, "tracking.uri=postgresql://ml:s3cret@db.example:5432/mlflow")
     assert tuning.default_storage(on_postgres) == (
         "postgresql+psycopg2://ml:s3cret@db.example:5432/mlflow_optuna")
+    given = tuning.plan(compose(*QUICK, "tune.storage=postgresql://ml:s3cret@db.example/s"))
+    assert given.storage == "postgresql+psycopg2://ml:s3cret@db.example/s"
+    assert "s3cret" not in given.shown and "db.example/s" in given.shown  # what is printed
     with pytest.raises(ConfigError, match="tune.storage: no default beside tracking.uri="
                                           "http://tracking.example:5000"):
         tuning.default_storage(compose(*QUICK, "tracking.uri=http://tracking.example:5000"))

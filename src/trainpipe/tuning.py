@@ -624,7 +624,9 @@ def _worker_process(worker: Worker) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except TrainpipeError as exc:
-        print(f"worker {worker.label}: {exc}", file=sys.stderr, flush=True)
+        from trainpipe.redaction import redact_text
+
+        print(redact_text(f"worker {worker.label}: {exc}"), file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
 
 
