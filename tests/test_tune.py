@@ -179,3 +179,19 @@ def test_sigterm_mid_trial_ends_the_trial_failed_and_the_tune_run_killed(demo_la
     assert parent.status == "KILLED"
     stopped = all_runs[all_runs["tags.trainpipe.trial.state"] == "FAIL"].iloc[0]
     assert (stopped.status, stopped["tags.trainpipe.trial.error"]) == ("FAILED", "interrupted")
+
+
+@pytest.mark.slow
+def test_a_regression_study_minimises_rmse_with_lightgbm_reporting_it(task_config, workdir):
+    conf = task_config("regression")
+    result = trainpipe("tune", "--config-dir", str(conf), "dataset=toy_regression", *QUICK,
+                       "tune.trials=3", cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = optuna.load_study(study_name="toy_regression-lightgbm",
+                              storage=f"sqlite:///{workdir / 'optuna.db'}")
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert "minimize val_root_mean_squared_error" in result.stdout
+    trials = runs(workdir)
+    trials = trials[trials["tags.trainpipe.kind"] == "tune-trial"]
+    assert len(trials) == 3  # and LightGBM's rmse, reported while it fit, is recorded
+    assert trials["metrics.val_root_mean_squared_error_by_iteration"].notna().all()
