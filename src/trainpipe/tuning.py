@@ -294,8 +294,6 @@ class Worker:
 
 def run_worker(worker: Worker) -> None:
     """Run `worker.trials` trials of the study (the entry point of a worker process)."""
-    import optuna
-
     from trainpipe.tracking import Tracking
 
     cfg = OmegaConf.create(worker.config)
@@ -305,7 +303,6 @@ def run_worker(worker: Worker) -> None:
     objective = _Objective(worker, cfg, tracking.client, data)
     study.optimize(objective, n_trials=worker.trials, timeout=cfg.tune.timeout,
                    catch=(Exception,), callbacks=[_progress(worker)], gc_after_trial=False)
-    del optuna
 
 
 def _validation_data(cfg: DictConfig) -> dict:
