@@ -7,9 +7,9 @@ import json
 
 import optuna
 import pytest
-from conftest import compose, runs, trainpipe
 from mlflow import MlflowClient
 
+from tests.conftest import compose, runs, trainpipe
 from trainpipe import tuning
 from trainpipe.errors import ConfigError
 
