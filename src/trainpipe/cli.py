@@ -1,6 +1,6 @@
 """The command line: `trainpipe run`, `trainpipe step NAME`, `trainpipe registry`,
-`trainpipe predict`, `trainpipe serve`, `trainpipe report`, `trainpipe dataset init`,
-`trainpipe data demo`, `trainpipe stack`.
+`trainpipe predict`, `trainpipe serve`, `trainpipe report`, `trainpipe tune`,
+`trainpipe dataset init`, `trainpipe data demo`, `trainpipe stack`.
 
 Exit codes: 0 success, 1 unexpected error, 2 usage or config error (also a missing or
 unreadable source), 3 data validation failed, 4 the gate kept the champion and
@@ -404,6 +404,74 @@ def _registry(words: list[str] | None, config_dir: str | None, names: list[str],
     return Registry(cfg), cfg, positional + [None] * (len(names) - len(positional))
 
 
+@app.command()
+def tune(overrides: Overrides = None,
+         workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes "
+                                              "here; the same command elsewhere (same "
+                                              "tune.study) adds more.")] = 1,
+         config_dir: ConfigDir = None, verbose: Verbose = False,
+         overrides_text: OverridesText = None) -> None:
+    """Search model.search_space with Optuna: tune.trials trials (each a nested MLflow run
+    under one tune run, fit on train, scored on val), then train the best params in a normal
+    run (test evaluation, report, registry gate). Running it again adds trials."""
+    from trainpipe import config, pipeline, tuning
+    from trainpipe.tracker import Tracker
+
+    words = _overrides(overrides, overrides_text)
+    tracker = Tracker.start()
+    try:
+        cfg = config.compose(words, config_dir)
+        plan = tuning.plan(cfg)  # search space, metric, storage: before any trial
+    except TrainpipeError as exc:
+        tracker.discard()
+        _fail(exc, verbose)
+    out.print(f"[bold]trainpipe tune[/] study {plan.study} · {plan.trials} trial(s) on "
+              f"{workers} worker(s) · {plan.direction} val_{plan.metric} · storage "
+              f"{plan.shown}", highlight=False, soft_wrap=True)
+    out.print("data up to features (reused when published):", highlight=False)
+    code = _run_one(cfg, words, (None, "features"), False, verbose, tracker)
+    if code:
+        raise typer.Exit(code)
+    out.rule("search")
+    try:
+        with pipeline.sigterm_interrupts():  # SIGTERM ends the runs like Ctrl-C
+            found = tuning.search(cfg, words, plan, workers,
+                                  lambda m: out.print(m, highlight=False, soft_wrap=True))
+    except (KeyboardInterrupt, Interrupted):
+        err.print("[yellow]interrupted[/]: the tune run and its running trials are marked "
+                  "KILLED / FAIL; the same command resumes the study")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - reported in words (a traceback when unexpected)
+        raise typer.Exit(_report_error(exc, verbose)) from None
+    _tune_summary(plan, found)
+    final = tuning.best_overrides(cfg, words, found.best_params)
+    out.print(f"  reproduce   trainpipe run {' '.join(final)}", highlight=False, soft_wrap=True,
+              markup=False)
+    out.rule("the best params, trained and evaluated on test")
+    try:
+        final_cfg = config.compose(final, config_dir)
+    except TrainpipeError as exc:
+        _fail(exc, verbose)
+    code = _run_one(final_cfg, final, (None, None), False, verbose, Tracker.start(),
+                    on_result=lambda r: tuning.link_final(final_cfg, found.parent_run_id,
+                                                          plan.study, r.run_id))
+    raise typer.Exit(code)
+
+
+def _tune_summary(plan, found) -> None:
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(found.counts.items()))
+    out.print(f"  trials      {counts or 'none'} in {found.seconds:.1f}s (this command); "
+              f"{found.total_trials} in the study", highlight=False)
+    if found.replaced:
+        out.print(f"  workers     killed and replaced: {', '.join(found.replaced)}",
+                  highlight=False)
+    out.print(f"  best        trial {found.best_number}: val_{plan.metric} "
+              f"{found.best_value:.4f}", highlight=False)
+    for name, value in found.best_params.items():
+        out.print(f"    {name:<24} {value}", highlight=False)
+    out.print(f"  tune run    {found.parent_run_id}", highlight=False)
+
+
 @dataset_app.command("init")
 def dataset_init(
         source: Annotated[str, typer.Argument(help="A CSV or Parquet file (any fsspec URL); "
@@ -540,7 +608,7 @@ def _execute(span, overrides, multirun, print_cfg, config_dir, verbose, force) -
         raise typer.Exit(max(codes))
 
 
-def _run_one(cfg, overrides, span, force, verbose, tracker) -> int:
+def _run_one(cfg, overrides, span, force, verbose, tracker, on_result=None) -> int:
     from trainpipe import pipeline
 
     lake, tracking = redact_text(str(cfg.lake.root)), redact_text(str(cfg.tracking.uri))
@@ -558,6 +626,8 @@ def _run_one(cfg, overrides, span, force, verbose, tracker) -> int:
 
     result = pipeline.run(cfg, overrides, *span, force=force, on_step=on_step,
                           on_notice=lambda m: out.print(f"  [yellow]![/] {m}"), tracker=tracker)
+    if on_result is not None:  # e.g. tune: tag the final run with its study
+        on_result(result)
     _summary(cfg, result)
     if result.error is not None:
         if isinstance(result.error, KeyboardInterrupt | Interrupted):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from trainpipe.errors import ConfigError
 from trainpipe.schema import TASKS, check_dataset_config
@@ -136,9 +136,22 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "registry.require_promotion": (bool, lambda v: True, "true or false"),
     "registry.gate.beat_champion": (bool, lambda v: True, "true or false"),
     "registry.gate.min_delta": (float, lambda v: v >= 0, "a number, 0 or more"),
+    "tune.trials": (int, lambda v: v >= 1, "a whole number, 1 or more"),
+    "tune.study": (str, lambda v: PLAIN_NAME.fullmatch(v) is not None, PLAIN_NAME_RULE),
+    "tune.storage": (str, lambda v: "://" in v, "an SQLAlchemy URL (sqlite:///optuna.db, "
+                                                "postgresql://host/db)"),
+    "tune.metric": (str, lambda v: PLAIN_NAME.fullmatch(v) is not None,
+                    "a validation metric's name without val_ (roc_auc, log_loss, ...)"),
+    "tune.direction": (str, lambda v: v in ("maximize", "minimize"), "maximize or minimize"),
+    "tune.timeout": (float, lambda v: v > 0, "seconds, more than 0"),
+    "tune.pruner": (bool, lambda v: True, "true or false"),
+    "tune.heartbeat": (int, lambda v: v >= 1, "whole seconds, 1 or more"),
 }
-GROUPS = {"dataset", "model", "lake", "tracking", "split", "validate", "evaluate", "registry"}
-SECTIONS = {"model": {"name", "_target_", "preprocessing", "params"},
+# Keys that may be null: null means "the default, worked out from the rest of the config".
+NULLABLE = {"tune.study", "tune.storage", "tune.metric", "tune.direction", "tune.timeout"}
+GROUPS = {"dataset", "model", "lake", "tracking", "split", "validate", "evaluate", "registry",
+          "tune"}
+SECTIONS = {"model": {"name", "_target_", "preprocessing", "params", "search_space"},
             "model.preprocessing": {"scale_numeric", "categorical_encoding"},
             "registry": {"name", "require_promotion", "gate"},
             "registry.gate": {"metrics", "beat_champion", "min_delta"}}
@@ -156,16 +169,19 @@ def check(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, section)
         if isinstance(value, DictConfig):
             _check_known(section + ".", set(value), known)
-    for section in ("split", "validate", "evaluate"):
+    for section in ("split", "validate", "evaluate", "tune"):
         known = {k.split(".", 1)[1] for k in SCHEMA if k.startswith(section + ".")}
         _check_known(section + ".", set(cfg.get(section) or {}), known)
     for key, (kind, rule, meaning) in SCHEMA.items():
         value = OmegaConf.select(cfg, key, default=None)
+        if value is None and key in NULLABLE:
+            continue
         typed = _typed(value, kind)
         if typed is None or not rule(typed):
             raise ConfigError(f"{key}={value!r}: must be {meaning}")
     _check_positive_class(cfg.dataset)
     _check_gate_bounds(cfg)
+    check_search_space(cfg)
     val, test = float(cfg.split.val_size), float(cfg.split.test_size)
     if val + test >= 1:
         raise ConfigError(f"split.val_size={val}, split.test_size={test}: together they must "
@@ -205,6 +221,57 @@ def _check_gate_bounds(cfg: DictConfig) -> None:
                 raise ConfigError(f"{where}.{side}={value!r}: must be a number")
         if "min" in bound and "max" in bound and bound["min"] > bound["max"]:
             raise ConfigError(f"{where}: min {bound['min']} is above max {bound['max']}")
+
+
+SEARCH_KEYS = {"int": {"type", "low", "high", "log", "step"},
+               "float": {"type", "low", "high", "log", "step"},
+               "categorical": {"type", "choices"}}
+
+
+def check_search_space(cfg: DictConfig) -> None:
+    """`model.search_space`: parameter -> {type: int|float, low, high, log?, step?} or
+    {type: categorical, choices: [...]}. Whether the estimator takes the parameters is
+    checked by `trainpipe tune` (tuning.check), which imports it."""
+    space = OmegaConf.select(cfg, "model.search_space", default=None)
+    if space is None:
+        return
+    if not isinstance(space, DictConfig):
+        raise ConfigError(f"model.search_space={space!r}: must be parameter -> "
+                          "{type: int|float|categorical, ...}")
+    for name, spec in space.items():
+        _check_search_parameter(f"model.search_space.{name}", spec)
+
+
+def _check_search_parameter(key: str, spec: Any) -> None:
+    example = "e.g. {type: float, low: 0.01, high: 0.3, log: true}"
+    if not isinstance(spec, DictConfig) or "type" not in spec:
+        raise ConfigError(f"{key}={spec!r}: must be a mapping with a type, {example}")
+    kind = spec.type
+    if kind not in SEARCH_KEYS:
+        raise ConfigError(f"{key}.type={kind!r}: unknown type; must be one of "
+                          f"{', '.join(SEARCH_KEYS)}{did_you_mean(str(kind), set(SEARCH_KEYS))}")
+    _check_known(key + ".", set(spec), SEARCH_KEYS[kind])
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, ListConfig) or not choices:
+            raise ConfigError(f"{key}.choices={choices!r}: must be a list of one or more values")
+        return
+    number, meaning = (int, "a whole number") if kind == "int" else (float, "a number")
+    for side in ("low", "high"):
+        if side not in spec or _typed(spec[side], number) is None:
+            raise ConfigError(f"{key}.{side}={spec.get(side)!r}: must be {meaning}")
+    low, high = spec.low, spec.high
+    if low > high:
+        raise ConfigError(f"{key}: low {low} is above high {high}")
+    log, step = spec.get("log", False), spec.get("step")
+    if _typed(log, bool) is None:
+        raise ConfigError(f"{key}.log={log!r}: must be true or false")
+    if log and low <= 0:
+        raise ConfigError(f"{key}: log: true needs low above 0 (low is {low})")
+    if step is not None and (_typed(step, number) is None or step <= 0):
+        raise ConfigError(f"{key}.step={step!r}: must be {meaning} above 0")
+    if step is not None and log:
+        raise ConfigError(f"{key}: step and log: true do not go together (Optuna refuses it)")
 
 
 def _typed(value: Any, kind: type) -> Any:

@@ -54,8 +54,10 @@ STEPS = (
          ("dataset.columns", "dataset.derived", "dataset.id_column", "model.preprocessing",
           *SPELLINGS, *DATASET)),
     # The model lives in the tracking store: another store means another output.
-    Step("train", train, ("splits", "transformer", "features"), ("model", "tracking.uri",
-                                                                 *DATASET)),
+    # model.search_space is what tuning may try, not what this model is: not read.
+    Step("train", train, ("splits", "transformer", "features"),
+         ("model.name", "model._target_", "model.preprocessing", "model.params",
+          "tracking.uri", *DATASET)),
     Step("evaluate", evaluate, ("model", "features"), ("evaluate", "dataset.positive_class",
                                                         *DATASET)),
     # The registry lives in the tracking store. registry.require_promotion is left out: it

@@ -281,6 +281,8 @@ def _ensure_own_cluster(folder: Path, state: dict, started: list, reused: list) 
             password = _read_password(data)
             try:
                 _check_postgres(pg["uri"], create_database=True, password=password)
+                _check_postgres(_study_database(pg["uri"]), create_database=True,
+                                password=password)
             except StackError:
                 pass  # alive but not answering: restart it below
             else:
@@ -322,7 +324,15 @@ def _ensure_own_cluster(folder: Path, state: dict, started: list, reused: list) 
     _save_state(folder, state)
     started.append("postgresql")
     _check_postgres(uri, create_database=True, password=password)
+    _check_postgres(_study_database(uri), create_database=True, password=password)
     return _Backend(uri, {"PGPASSWORD": password}, new_credentials)
+
+
+def _study_database(uri: str) -> str:
+    """Where `trainpipe tune` keeps its Optuna studies on the stack's cluster: a database
+    beside MLflow's (tuning.default_storage), never MLflow's own (both keep alembic_version)."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}_optuna"))
 
 
 def _secured(data: Path) -> bool:

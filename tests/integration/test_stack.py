@@ -217,6 +217,9 @@ def test_own_cluster_lets_no_one_in_without_its_password(own_folder):
             assert read.returncode != 0 and "Permission denied" in read.stderr
     # with the password: in (what the MLflow server does, given it in its environment)
     assert psql_as(None, pg.port, "select current_user", password).stdout.strip() == "postgres"
+    # beside MLflow's database, the one `trainpipe tune` keeps its studies in
+    databases = psql_as(None, pg.port, "select datname from pg_database", password).stdout
+    assert {"mlflow", "mlflow_optuna"} <= set(databases.split())
     mlflow.set_tracking_uri(info.tracking_uri)
     mlflow.create_experiment("with a password")
 
