@@ -7,6 +7,7 @@ unreadable source), 3 data validation failed, 4 the gate kept the champion and
 registry.require_promotion=true, 130 interrupted.
 """
 
+import contextlib
 import gc
 import sys
 from typing import Annotated
@@ -193,14 +194,9 @@ def predict(input_url: Annotated[str, typer.Option(
     shown_model = model or serving.default_model(cfg)
     out.print(f"[bold]trainpipe predict[/] {cfg.dataset.name} · model {shown_model} · "
               f"tracking {redact_text(str(cfg.tracking.uri))}", highlight=False, soft_wrap=True)
-    try:
+    with _reported("the predict run is marked KILLED; nothing was written to --output",
+                   verbose):
         scored = serving.predict_file(cfg, model, input_url, output_url)
-    except (KeyboardInterrupt, Interrupted):
-        err.print("[yellow]interrupted[/]: the predict run is marked KILLED; nothing was "
-                  "written to --output")
-        raise typer.Exit(130) from None
-    except Exception as exc:  # noqa: BLE001 - reported in words (a traceback when unexpected)
-        raise typer.Exit(_report_error(exc, verbose)) from None
     source = scored.input
     out.print(f"  input   {redact_text(lake.absolute(source.url))} ({source.format}, "
               f"{source.size / 2**20:,.1f} MB, sha256 {source.digest[:12]})",
@@ -433,16 +429,10 @@ def tune(overrides: Overrides = None,
     if code:
         raise typer.Exit(code)
     out.rule("search")
-    try:
-        with pipeline.sigterm_interrupts():  # SIGTERM ends the runs like Ctrl-C
-            found = tuning.search(cfg, words, plan, workers,
-                                  lambda m: out.print(m, highlight=False, soft_wrap=True))
-    except (KeyboardInterrupt, Interrupted):
-        err.print("[yellow]interrupted[/]: the tune run and its running trials are marked "
-                  "KILLED / FAIL; the same command resumes the study")
-        raise typer.Exit(130) from None
-    except Exception as exc:  # noqa: BLE001 - reported in words (a traceback when unexpected)
-        raise typer.Exit(_report_error(exc, verbose)) from None
+    with _reported("the tune run and its running trials are marked KILLED / FAIL; the same "
+                   "command resumes the study", verbose), pipeline.sigterm_interrupts():
+        found = tuning.search(cfg, words, plan, workers,
+                              lambda m: out.print(m, highlight=False, soft_wrap=True))
     _tune_summary(plan, found)
     final = tuning.best_overrides(cfg, words, found.best_params)
     out.print(f"  reproduce   trainpipe run {' '.join(final)}", highlight=False, soft_wrap=True,
@@ -711,6 +701,19 @@ def _overrides(args: list[str] | None, text: str | None) -> list[str]:
     from trainpipe import config
 
     return [*(args or []), *config.split_overrides([text] if text else [])]
+
+
+@contextlib.contextmanager
+def _reported(when_interrupted: str, verbose: bool):
+    """A command's work: Ctrl-C or SIGTERM exits 130 saying what became of it; an error
+    exits with its code, in words (a traceback when unexpected)."""
+    try:
+        yield
+    except (KeyboardInterrupt, Interrupted):
+        err.print(f"[yellow]interrupted[/]: {when_interrupted}")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - reported in words
+        raise typer.Exit(_report_error(exc, verbose)) from None
 
 
 def _fail(exc: TrainpipeError, verbose: bool):

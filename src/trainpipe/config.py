@@ -302,10 +302,14 @@ def did_you_mean(word: str, choices: set[str] | list[str]) -> str:
 def tracking_uri(cfg: DictConfig) -> str:
     """`tracking.uri` as MLflow must be given it: SQLAlchemy 2.1 maps a bare postgresql://
     to psycopg 3, and trainpipe ships psycopg2."""
-    uri = str(cfg.tracking.uri)
-    if uri.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg2://" + uri.split("://", 1)[1]
-    return uri
+    return psycopg2_url(str(cfg.tracking.uri))
+
+
+def psycopg2_url(url: str) -> str:
+    """A database URL for SQLAlchemy: a bare postgresql:// names psycopg2's driver."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -39,7 +39,6 @@ from trainpipe.steps.predict import CHUNK_ROWS, input_columns, score
 
 CHAMPION = "champion"
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-SERVER_MODEL_PATH = "__pyfunc_model_path__"  # where MLflow's scoring app finds its model
 SERVE_TIMEOUT = 300  # seconds for the server to load the model and answer /ping
 
 
@@ -276,7 +275,7 @@ class ChunkedValidation:
         self.chunk_dataset = OmegaConf.create(per_chunk)
         self.chunk_checks = OmegaConf.merge(self.checks, {
             "min_rows": 1, "unique_id": False, "all_null_columns": False})
-        self.na_values = parse_options(self.dataset)["na_values"]
+        self.spellings = parse_options(self.dataset)  # missing values, booleans
         self.rows = 0
         self.failures: dict[tuple, dict] = {}
         self.present: set[str] = set()  # columns of the file
@@ -310,7 +309,7 @@ class ChunkedValidation:
         cell is read as '')."""
         present = values.notna()
         if values.dtype == object or isinstance(values.dtype, pd.StringDtype):
-            present &= ~values.isin(self.na_values)
+            present &= ~values.isin(self.spellings["na_values"])
         return bool(present.any())
 
     def finish(self) -> list[dict]:
@@ -354,8 +353,7 @@ class ChunkedValidation:
         for values in self.column_values(column):  # shown as validate shows them: typed
             picked = values[values.index.isin(wanted)]
             typed, _, _ = coerce.parse(picked, spec.type, nullable=True,
-                                       date_format=spec.get("format"),
-                                       **parse_options(self.dataset))
+                                       date_format=spec.get("format"), **self.spellings)
             examples += [{"row": int(i), "value": self.validate._plain(x, spec.type == "int")}
                          for i, x in typed.items()]
         return self.validate._failure(self.source, column, "field_uniqueness", len(rows),
@@ -461,6 +459,7 @@ def serve(cfg: DictConfig, model_uri: str | None, host: str, port: int,
     """Run MLflow's scoring server for the model on host:port until Ctrl-C or SIGTERM, then
     stop it (its whole process group). `on_ready` is called once it answers /ping."""
     import mlflow
+    from mlflow.pyfunc.scoring_server import _SERVER_MODEL_PATH  # where its app looks
 
     from trainpipe.config import tracking_uri
     from trainpipe.pipeline import sigterm_interrupts
@@ -477,7 +476,7 @@ def serve(cfg: DictConfig, model_uri: str | None, host: str, port: int,
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / f"server-{port}.log"
     # The tracking URI (perhaps with a password) goes in the environment, not the command.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, SERVER_MODEL_PATH: model.version}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, _SERVER_MODEL_PATH: model.version}
     # As `mlflow models serve --env-manager local` runs it, but for the CSV reading
     # (scoring_app.py).
     cmd = [sys.executable, "-m", "uvicorn", "--host", host, "--port", str(port),

@@ -273,6 +273,8 @@ def _ensure_postgres(folder: Path, state: dict, backend_store_uri: str | None,
 
 
 def _ensure_own_cluster(folder: Path, state: dict, started: list, reused: list) -> _Backend:
+    from trainpipe.tuning import study_database  # `trainpipe tune` keeps its studies there
+
     pg = state.get("postgresql") or {}
     pg_dir = folder / "postgres"
     data = pg_dir / "data"
@@ -281,7 +283,7 @@ def _ensure_own_cluster(folder: Path, state: dict, started: list, reused: list) 
             password = _read_password(data)
             try:
                 _check_postgres(pg["uri"], create_database=True, password=password)
-                _check_postgres(_study_database(pg["uri"]), create_database=True,
+                _check_postgres(study_database(pg["uri"]), create_database=True,
                                 password=password)
             except StackError:
                 pass  # alive but not answering: restart it below
@@ -324,15 +326,8 @@ def _ensure_own_cluster(folder: Path, state: dict, started: list, reused: list) 
     _save_state(folder, state)
     started.append("postgresql")
     _check_postgres(uri, create_database=True, password=password)
-    _check_postgres(_study_database(uri), create_database=True, password=password)
+    _check_postgres(study_database(uri), create_database=True, password=password)
     return _Backend(uri, {"PGPASSWORD": password}, new_credentials)
-
-
-def _study_database(uri: str) -> str:
-    """Where `trainpipe tune` keeps its Optuna studies on the stack's cluster: a database
-    beside MLflow's (tuning.default_storage), never MLflow's own (both keep alembic_version)."""
-    parts = urlsplit(uri)
-    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}_optuna"))
 
 
 def _secured(data: Path) -> bool:

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainpipe.config import tracking_uri
+from trainpipe.config import did_you_mean, psycopg2_url, tracking_uri
 from trainpipe.errors import ConfigError, Interrupted, TrainpipeError
 from trainpipe.redaction import redact_uri
 from trainpipe.steps import evaluate
@@ -97,7 +97,7 @@ def plan(cfg: DictConfig) -> Plan:
     direction = cfg.tune.direction or ("maximize" if HIGHER_IS_BETTER[metric] else "minimize")
     storage = str(cfg.tune.storage) if cfg.tune.storage else default_storage(cfg)
     study = cfg.tune.study or f"{cfg.dataset.name}-{cfg.model.name}"
-    return Plan(study, _sqlalchemy_url(storage), metric, direction, space, int(cfg.tune.trials))
+    return Plan(study, psycopg2_url(storage), metric, direction, space, int(cfg.tune.trials))
 
 
 def check_estimator_takes(cfg: DictConfig, space: dict) -> None:
@@ -116,19 +116,13 @@ def check_estimator_takes(cfg: DictConfig, space: dict) -> None:
     for name in space:
         if name not in takes:
             raise ConfigError(f"model.search_space.{name}: {cfg.model._target_} takes no "
-                              f"parameter {name!r}{_did_you_mean(name, takes)}")
+                              f"parameter {name!r}{did_you_mean(name, takes)}")
     for end in (0, -1):  # the lowest and the highest point of the space
         point = {name: _end(spec, end) for name, spec in space.items()}
         try:
             train.check(with_params(cfg, point))
         except ConfigError as exc:
             raise ConfigError(f"model.search_space: at {point}: {exc}") from None
-
-
-def _did_you_mean(word: str, choices: set[str]) -> str:
-    from trainpipe.config import did_you_mean
-
-    return did_you_mean(word, choices)
 
 
 def _end(spec: dict, end: int):
@@ -155,18 +149,17 @@ def default_storage(cfg: DictConfig) -> str:
     if path is not None:
         return f"sqlite:///{path.parent / 'optuna.db'}"
     if uri.startswith("postgresql"):
-        parts = urlsplit(uri)
-        return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}_optuna"))
+        return study_database(uri)
     raise ConfigError(f"tune.storage: no default beside tracking.uri={redact_uri(uri)} (only "
                       "beside an SQLite or PostgreSQL store); give one, e.g. "
                       "tune.storage=postgresql://user@host/mlflow_optuna")
 
 
-def _sqlalchemy_url(url: str) -> str:
-    """SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; trainpipe ships psycopg2."""
-    if url.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg2://" + url.split("://", 1)[1]
-    return url
+def study_database(uri: str) -> str:
+    """The database beside a PostgreSQL one (`…/db` -> `…/db_optuna`, same server): where
+    studies live, never in MLflow's own (both keep alembic_version). `stack up` makes it."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}_optuna"))
 
 
 def ensure_storage(storage: str) -> None:
