@@ -368,6 +368,8 @@ def main() -> None:
                         help="another key=value for every run (repeatable)")
     parser.add_argument("--generate-only", action="store_true", help="write the copies, no runs")
     parser.add_argument("--out", type=Path, help="raw numbers (default <scratch>/scale.json)")
+    parser.add_argument("--append", action="store_true", help="add these runs to those already "
+                        "in --out (e.g. the largest size run on its own later); one report")
     args = parse_args(parser)
     args.scratch = args.scratch.resolve()
     repo = Path(__file__).resolve().parents[1]
@@ -381,10 +383,17 @@ def main() -> None:
     if args.generate_only:
         return
     env = run_env(args.src)
+    out = args.out or args.scratch / "scale.json"
     results = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "code": git_state(),
                "n_estimators": args.n_estimators, "sizes": sizes, "cases": []}
     load_start = os.getloadavg()
-    out = args.out or args.scratch / "scale.json"
+    if args.append and out.exists():
+        results = json.loads(out.read_text())
+        if results["n_estimators"] != args.n_estimators:
+            sys.exit(f"{out} has runs of {results['n_estimators']} trees, not "
+                     f"{args.n_estimators}: a report compares like with like")
+        results["sizes"] = sorted(set(results["sizes"]) | set(sizes))
+        load_start = results["machine"]["loadavg_start"]
     for f in sizes:
         for engine in ("local", "dask") if f in local_sizes else ("dask",):
             if engine not in args.engines.split(","):
