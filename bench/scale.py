@@ -254,7 +254,8 @@ def run_case(args: argparse.Namespace, source: Path, factor: int, engine: str,
                       timeout=args.timeout, rss_limit_gb=args.rss_limit)
     stdout = log.read_text(errors="replace")
     result.update({"factor": factor, "engine": engine, "rows": rows, "source": str(source),
-                   "command": cmd, "log": str(log), "loadavg_start": load_start,
+                   "command": cmd, "log": str(log), "code": git_state(),
+                   "loadavg_start": load_start,
                    "loadavg_end": os.getloadavg(),
                    "steps": {name: float(s) for name, s in STEP_LINE.findall(stdout)},
                    "test_roc_auc": _auc(stdout, args.scratch / "mlflow.db")})
