@@ -245,7 +245,7 @@ def run_case(args: argparse.Namespace, source: Path, factor: int, engine: str,
            f"model.params.n_estimators={args.n_estimators}", f"compute={engine}",
            f"dataset.source={source}", f"lake.root={lake}",
            f"tracking.uri=sqlite:///{args.scratch / 'mlflow.db'}", *args.override]
-    log = folder / f"{engine}-x{factor}.log"
+    log = folder / f"{engine}-x{factor}-{datetime.now(UTC):%Y%m%dT%H%M%S}.log"
     rows = copy_rows(source)
     print(f"{datetime.now(UTC):%H:%M:%S} x{factor} compute={engine}: {rows:,} rows "
           f"(output: {log})", file=sys.stderr, flush=True)
@@ -253,7 +253,8 @@ def run_case(args: argparse.Namespace, source: Path, factor: int, engine: str,
     result = measured(cmd, cwd=folder, env=env, log=log, interval=args.interval,
                       timeout=args.timeout, rss_limit_gb=args.rss_limit)
     stdout = log.read_text(errors="replace")
-    result.update({"factor": factor, "engine": engine, "rows": rows, "source": str(source),
+    result.update({"factor": factor, "engine": engine, "overrides": args.override,
+                   "rows": rows, "source": str(source),
                    "command": cmd, "log": str(log), "code": git_state(),
                    "loadavg_start": load_start,
                    "loadavg_end": os.getloadavg(),
@@ -301,7 +302,7 @@ def report(r: dict) -> str:
         ok = c["exit_code"] == 0 and not c["stopped"]
         auc = f"{c['test_roc_auc']:.4f}" if c["test_roc_auc"] is not None else "–"
         lines.append(
-            f"| x{c['factor']} | {c['rows']:,} | {c['engine']} | {c['wall_s']:.1f} | "
+            f"| x{c['factor']} | {c['rows']:,} | {_compute(c)} | {c['wall_s']:.1f} | "
             f"{c['s_per_mrow']:.1f} | {c['max_process_rss'] / GB:.2f} | "
             f"{c['max_sum_rss'] / GB:.2f} | {auc} | {c['loadavg_start'][0]:.2f}→"
             f"{c['loadavg_end'][0]:.2f} ({c['max_load_1min']:.2f}) | "
@@ -311,9 +312,14 @@ def report(r: dict) -> str:
         procs = ", ".join(f"{p['label']} {p['peak_rss'] / 1e6:,.0f}"
                           for p in c["processes"] if p["peak_rss"] > 50e6)
         steps = ", ".join(f"{k} {v:.1f}" for k, v in c["steps"].items())
-        lines.append(f"- x{c['factor']} {c['engine']}: {procs}; steps (s): {steps or '–'}")
+        lines.append(f"- x{c['factor']} {_compute(c)}: {procs}; steps (s): {steps or '–'}")
     lines += ["", *verdicts(r)]
     return "\n".join(lines)
+
+
+def _compute(case: dict) -> str:
+    extra = " ".join(case.get("overrides") or [])
+    return f"{case['engine']} {extra}".strip()
 
 
 def verdicts(r: dict) -> list[str]:
@@ -341,7 +347,7 @@ def verdicts(r: dict) -> list[str]:
         out.append(f"- x{big['factor']} dask: max process RSS **{peak:.2f} GB** (target < "
                    f"{TARGET_MAX_RSS_GB} GB: {met})")
     failed = [c for c in r["cases"] if c not in done]
-    out += [f"- x{c['factor']} {c['engine']}: did not finish "
+    out += [f"- x{c['factor']} {_compute(c)}: did not finish "
             f"({c['stopped'] or 'exit ' + str(c['exit_code'])}; output {c['log']})"
             for c in failed]
     return out
