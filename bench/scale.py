@@ -374,6 +374,8 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[],
                         help="another key=value for every run (repeatable)")
     parser.add_argument("--generate-only", action="store_true", help="write the copies, no runs")
+    parser.add_argument("--report", action="store_true", help="print the report of the raw "
+                        "numbers in --out again, no runs")
     parser.add_argument("--out", type=Path, help="raw numbers (default <scratch>/scale.json)")
     parser.add_argument("--append", action="store_true", help="add these runs to those already "
                         "in --out (e.g. the largest size run on its own later); one report")
@@ -382,6 +384,10 @@ def main() -> None:
     repo = Path(__file__).resolve().parents[1]
     if args.scratch.is_relative_to(repo):
         sys.exit(f"--scratch {args.scratch} is inside the repo: take a folder outside it")
+    out = args.out or args.scratch / "scale.json"
+    if args.report:
+        print(report(json.loads(out.read_text())))
+        return
     sizes = sorted(int(s) for s in args.sizes.split(","))
     local_sizes = ({int(s) for s in args.local_sizes.split(",")} if args.local_sizes
                    else {sizes[0]})
@@ -390,7 +396,6 @@ def main() -> None:
     if args.generate_only:
         return
     env = run_env(args.src)
-    out = args.out or args.scratch / "scale.json"
     results = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "code": git_state(),
                "n_estimators": args.n_estimators, "sizes": sizes, "cases": []}
     load_start = os.getloadavg()
