@@ -115,6 +115,7 @@ class DaskCluster:
     file in `folder`. Workers get `env` (the lake's AWS_* variables) as a user exports it."""
 
     def __init__(self, folder: Path, env: dict[str, str]):
+        folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.env = env
         self.procs: dict[str, subprocess.Popen] = {}  # name -> process (group leader)
