@@ -220,7 +220,7 @@ def test_split_says_what_it_needs_when_validate_was_reused(tmp_path):
                        r"has 9 rows; split\.val_size=0\.05 and split\.test_size=0\.05 need at "
                        r"least 20 rows of each class"):
         split.run(cfg, table)
-    assert split.feasibility(compose(), table["label"]) is None  # 0.15 + 0.15: 7 rows do
+    assert split.feasibility(compose(), table["label"].value_counts()) is None  # 7 rows do
 
 
 # -- the logged model reads rows as the training source looks (item 6) -------------------

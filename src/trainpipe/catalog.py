@@ -27,10 +27,28 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
-from trainpipe.lake import DamagedOutput, Lake, Source, to_parquet_bytes
+from trainpipe import cluster
+from trainpipe.lake import DamagedOutput, Lake, Source, parts_of, to_parquet_bytes
 
 Files = dict[str, bytes]
-Read = Callable[[str], bytes]  # a published file's verified bytes, by name
+
+
+class Read:
+    """A published output's files, each checked against its manifest digest when read."""
+
+    def __init__(self, catalog: "Catalog", step: str, manifest: dict):
+        self.catalog, self.step, self.manifest = catalog, step, manifest
+
+    def __call__(self, file: str) -> bytes:
+        return self.catalog.read(self.step, file, self.manifest)
+
+    def table(self, file: str):
+        """A Parquet table: a pandas DataFrame, or a Dask DataFrame over its parts when it
+        was published in parts (compute=dask)."""
+        if parts_of(file, self.manifest):
+            return cluster.read_table(self.catalog.lake.root, self.catalog.prefix(self.step),
+                                      self.manifest, file)
+        return pd.read_parquet(io.BytesIO(self(file)))
 
 
 @dataclass
@@ -50,6 +68,10 @@ class Codec:
 
     def names(self) -> tuple[str, ...]:
         return (self.file,)
+
+    def tables(self, value) -> dict:
+        """Its Parquet tables by file name (a Dask table is written in parts)."""
+        return {}
 
     def dump(self, value, ctx: SaveContext) -> Files:
         raise NotImplementedError
@@ -71,10 +93,15 @@ class Table(Codec):
     optional: bool = False
 
     def dump(self, value: pd.DataFrame, ctx: SaveContext) -> Files:
+        if cluster.is_dask(value):
+            return {}  # written in parts already (Catalog.materialize)
         return {self.file: to_parquet_bytes(value)}
 
     def load(self, read: Read, cfg: DictConfig | None = None) -> pd.DataFrame:
-        return pd.read_parquet(io.BytesIO(read(self.file)))
+        return read.table(self.file)
+
+    def tables(self, value) -> dict:
+        return {self.file: value}
 
 
 @dataclass(frozen=True)
@@ -87,10 +114,14 @@ class Tables(Codec):
         return tuple(f"{k}.parquet" for k in self.keys)
 
     def dump(self, value: dict[str, pd.DataFrame], ctx: SaveContext) -> Files:
-        return {f"{k}.parquet": to_parquet_bytes(value[k]) for k in self.keys}
+        return {f"{k}.parquet": to_parquet_bytes(value[k]) for k in self.keys
+                if not cluster.is_dask(value[k])}  # Dask tables: written in parts already
 
     def load(self, read: Read, cfg: DictConfig | None = None) -> dict[str, pd.DataFrame]:
-        return {k: pd.read_parquet(io.BytesIO(read(f"{k}.parquet"))) for k in self.keys}
+        return {k: read.table(f"{k}.parquet") for k in self.keys}
+
+    def tables(self, value) -> dict:
+        return {f"{k}.parquet": value[k] for k in self.keys}
 
 
 @dataclass(frozen=True)
@@ -193,6 +224,26 @@ class Catalog:
         self.fingerprints, self.steps = fingerprints, steps
         self.producer = {out: name for name, module in steps.items() for out in outputs(module)}
         self._verified: dict[tuple[str, str], bytes] = {}  # (step, file) -> checked bytes
+        self._staged: dict[str, tuple[str, dict]] = {}  # step -> parts written, unpublished
+
+    def materialize(self, step: str, outputs: dict[str, Any]) -> dict[str, Any]:
+        """compute=dask: a step's Dask tables are computed now, each partition written as a
+        Parquet part by the worker that made it (published later, with the manifest); the
+        next steps read them from those parts instead of computing them again."""
+        tables = {file: frame for name, codec in stored(self.steps[step]).items()
+                  if outputs.get(name) is not None
+                  for file, frame in codec.tables(outputs[name]).items() if cluster.is_dask(frame)}
+        if not tables:
+            return outputs
+        attempt, entries = cluster.write_tables(self.lake.root, self.prefix(step), tables)
+        self._staged[step] = (attempt, entries)
+        read = Read(self, step, {"files": entries})
+        done = dict(outputs)
+        for name, codec in stored(self.steps[step]).items():
+            value = outputs.get(name)
+            if value is not None and any(map(cluster.is_dask, codec.tables(value).values())):
+                done[name] = codec.load(read)
+        return done
 
     def publishes(self, step: str) -> bool:
         return bool(stored(self.steps[step]))
@@ -213,7 +264,8 @@ class Catalog:
         manifest = self.lake.manifest(self.prefix(step))
         if manifest is not None:
             for name, codec in stored(self.steps[step]).items():
-                missing = set(codec.names()) - set(manifest["files"])
+                missing = {n for n in codec.names()
+                           if n not in manifest["files"] and not parts_of(n, manifest)}
                 if missing and not (codec.optional and missing == set(codec.names())):
                     raise DamagedOutput(self.url(step), f"the manifest lacks {sorted(missing)} "
                                         f"(output {name!r})")
@@ -231,7 +283,7 @@ class Catalog:
             if outputs.get(name) is None and codec.optional:
                 continue
             files |= codec.dump(outputs[name], ctx)
-        manifest = self.lake.publish(self.prefix(step), files,
+        manifest = self.lake.publish(self.prefix(step), files, self._staged.pop(step, None),
                                      fingerprint=self.fingerprints[step], **runs)
         self._verified |= {(step, name): data for name, data in files.items()}
         return manifest
@@ -247,7 +299,7 @@ class Catalog:
             raise DamagedOutput(self.url(step), "it is not published")
         if codec.optional and not set(codec.names()) & set(manifest["files"]):
             return None
-        read = lambda file: self.read(step, file, manifest)  # noqa: E731
+        read = Read(self, step, manifest)
         if name in codec.provides():
             return codec.provides()[name](read)
         return codec.load(read, self.cfg)
@@ -273,8 +325,7 @@ class Catalog:
         metrics: dict[str, float] = {}
         for codec in stored(self.steps[step]).values():
             if set(codec.names()) <= set(manifest["files"]):
-                more_tags, more_metrics = codec.record(
-                    lambda file: self.read(step, file, manifest))  # noqa: B023 - called now
+                more_tags, more_metrics = codec.record(Read(self, step, manifest))
                 tags |= more_tags
                 metrics |= more_metrics
         return tags, metrics

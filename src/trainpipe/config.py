@@ -146,11 +146,22 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "tune.timeout": (float, lambda v: v > 0, "seconds, more than 0"),
     "tune.pruner": (bool, lambda v: True, "true or false"),
     "tune.heartbeat": (int, lambda v: v >= 1, "whole seconds, 1 or more"),
+    "compute.engine": (str, lambda v: v in ("local", "dask"), "local or dask"),
+    "compute.address": (str, lambda v: bool(SCHEDULER.fullmatch(v)),
+                        "a Dask scheduler's address (tcp://host:8786), or null"),
+    "compute.workers": (int, lambda v: v >= 1, "a whole number, 1 or more"),
+    "compute.threads_per_worker": (int, lambda v: v >= 1, "a whole number, 1 or more"),
+    "compute.memory_limit": (str, lambda v: bool(BYTES.fullmatch(v)), "a size (3GB, 512MiB)"),
+    "compute.blocksize": (str, lambda v: bool(BYTES.fullmatch(v)), "a size (64MB)"),
+    "compute.collect_limit": (str, lambda v: bool(BYTES.fullmatch(v)), "a size (2GB)"),
 }
+BYTES = re.compile(r"(?i)\d+(\.\d+)?\s*([kmgtp]i?b|b)?")
+SCHEDULER = re.compile(r"(tcp|tls|inproc|ucx|ws|wss)://\S+|[\w.-]+:\d+")
 # Keys that may be null: null means "the default, worked out from the rest of the config".
-NULLABLE = {"tune.study", "tune.storage", "tune.metric", "tune.direction", "tune.timeout"}
+NULLABLE = {"tune.study", "tune.storage", "tune.metric", "tune.direction", "tune.timeout",
+            "compute.address"}
 GROUPS = {"dataset", "model", "lake", "tracking", "split", "validate", "evaluate", "registry",
-          "tune"}
+          "tune", "compute"}
 SECTIONS = {"model": {"name", "_target_", "preprocessing", "params", "search_space"},
             "model.preprocessing": {"scale_numeric", "categorical_encoding"},
             "registry": {"name", "require_promotion", "gate"},
@@ -169,13 +180,13 @@ def check(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, section)
         if isinstance(value, DictConfig):
             _check_known(section + ".", set(value), known)
-    for section in ("split", "validate", "evaluate", "tune"):
+    for section in ("split", "validate", "evaluate", "tune", "compute"):
         known = {k.split(".", 1)[1] for k in SCHEMA if k.startswith(section + ".")}
         _check_known(section + ".", set(cfg.get(section) or {}), known)
     for key, (kind, rule, meaning) in SCHEMA.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if value is None and key in NULLABLE:
-            continue
+        if value is None and (key in NULLABLE or key.startswith("compute.")):
+            continue  # compute=local has no cluster keys
         typed = _typed(value, kind)
         if typed is None or not rule(typed):
             raise ConfigError(f"{key}={value!r}: must be {meaning}")

@@ -525,10 +525,13 @@ class Lake:
                 raise OutsideLake(self.url(*parts), part)
         return path
 
-    def publish(self, prefix: str, files: dict[str, bytes], **meta: Any) -> dict:
-        """Publish `files` under `prefix` as one output; the manifest goes last."""
-        attempt = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-        entries = {}
+    def publish(self, prefix: str, files: dict[str, bytes],
+                staged: tuple[str, dict[str, dict]] | None = None, **meta: Any) -> dict:
+        """Publish `files` under `prefix` as one output; the manifest goes last. `staged`:
+        (attempt, entries) of files already written into an attempt folder (by Dask
+        workers), published with them."""
+        attempt, entries = staged or (new_attempt(), {})
+        entries = dict(entries)
         with storage_errors(self.url(prefix), "publish there"):
             for name, data in files.items():
                 _write_atomic(self.fs, self._path(prefix, attempt, name), data)
@@ -609,3 +612,158 @@ class Lake:
                 self.fs.rm(manifest)
             if self.fs.exists(self._path(prefix)):
                 self.fs.rm(self._path(prefix), recursive=True)
+
+
+# --- compute=dask: sources of many parts, outputs written part by part by workers --------
+
+SOURCE_DIGESTS = ".trainpipe/source-digests"  # under the lake root: see PartedSource
+SUFFIXES = {".csv": "csv", ".txt": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass(frozen=True)
+class PartedSource:
+    """A source read by Dask workers, never here: one file, or a folder or glob of CSV or
+    Parquet parts. Its digest is the sha256 of its files' names and sha256s.
+
+    What it trusts: a file whose size and stamp (S3's ETag, a local file's modification
+    time in nanoseconds) match the lake's record (`<root>/.trainpipe/source-digests/`) keeps
+    the sha256 recorded for it; any other file is read (here, block by block) and hashed
+    again. A changed byte changes the stamp, so it is seen without reading the unchanged
+    gigabytes; a file rewritten with the same size and a forged modification time is not.
+    """
+
+    url: str
+    files: tuple[dict, ...]  # {"url", "bytes", "stamp", "sha256"}, in name order
+    digest: str
+    format: str  # "csv" or "parquet"
+
+    @property
+    def size(self) -> int:
+        return sum(f["bytes"] for f in self.files)
+
+    def describe(self) -> dict:
+        return {"url": self.url, "digest": self.digest, "bytes": self.size,
+                "format": self.format, "files": len(self.files)}
+
+
+def list_source(url: str, root: str) -> PartedSource:
+    """The files of a source for Dask, with their sha256 (recorded under the lake `root`)."""
+    with _reading(url):
+        fs, path = _url_to_fs(url)
+        if any(c in path for c in "*?["):
+            paths = fs.glob(path)
+        elif fs.isdir(path):
+            paths = [p for p in fs.find(path) if not posixpath.basename(p).startswith((".", "_"))]
+        else:
+            paths = [path]
+        paths = sorted(p for p in paths if posixpath.splitext(p)[1].lower() in SUFFIXES)
+        if not paths:
+            raise SourceError(f"{redact_uri(absolute(url))}: no CSV or Parquet files there")
+        infos = [fs.info(p) for p in paths]
+    formats = {SUFFIXES[posixpath.splitext(p)[1].lower()] for p in paths}
+    if len(formats) > 1:
+        raise SourceError(f"{redact_uri(absolute(url))}: mixes CSV and Parquet files; a "
+                          "source is one or the other")
+    protocol = _protocols(fs)[0]
+    urls = [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in paths]
+    known = _source_digests(root, url)
+    files = []
+    for file_url, path, info in zip(urls, paths, infos, strict=True):
+        stamp = str(info.get("ETag") or info.get("etag") or _mtime_ns(path, info))
+        entry = {"url": file_url, "bytes": int(info.get("size") or 0), "stamp": stamp}
+        old = known.get(file_url, {})
+        files.append(entry | {"sha256": old["sha256"]} if (
+            old.get("bytes"), old.get("stamp")) == (entry["bytes"], stamp) else entry)
+    _hash_missing(fs, files, paths)
+    if any(known.get(f["url"]) != f for f in files):
+        _save_source_digests(root, url, files)
+    identity = json.dumps([(posixpath.relpath(f["url"], urls[0].rsplit("/", 1)[0]),
+                            f["sha256"]) for f in files]).encode()
+    return PartedSource(url, tuple(files), digest(identity), formats.pop())
+
+
+def _mtime_ns(path: str, info: dict) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return int(float(info.get("mtime") or info.get("LastModified", 0) or 0) * 1e9)
+
+
+def _hash_missing(fs, files: list[dict], paths: list[str]) -> None:
+    """sha256 of the files without a trusted one, several at a time, block by block."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def sha(path: str) -> str:
+        h = hashlib.sha256()
+        with fs.open(path, "rb", block_size=BLOCK) as f:
+            while block := f.read(BLOCK):
+                h.update(block)
+        return h.hexdigest()
+
+    todo = [(f, p) for f, p in zip(files, paths, strict=True) if "sha256" not in f]
+    with ThreadPoolExecutor(4) as pool:
+        for (file, _), value in zip(todo, pool.map(sha, [p for _, p in todo]), strict=True):
+            file["sha256"] = value
+
+
+def _digests_key(url: str) -> str:
+    return posixpath.join(SOURCE_DIGESTS, digest(absolute(url).encode())[:24] + ".json")
+
+
+def _source_digests(root: str, url: str) -> dict[str, dict]:
+    try:
+        data = Lake(root).fs.cat_file(Lake(root)._path(_digests_key(url)))
+        return {f["url"]: f for f in json.loads(data)["files"]}
+    except Exception:  # noqa: BLE001 - no record (or an unreadable one): hash every file
+        return {}
+
+
+def _save_source_digests(root: str, url: str, files: list[dict]) -> None:
+    the_lake = Lake(root)
+    with storage_errors(the_lake.url(_digests_key(url)), "record the source's digests"):
+        _write_atomic(the_lake.fs, the_lake._path(_digests_key(url)),
+                      json.dumps({"source": redact_uri(url), "files": files}).encode())
+
+
+def part_name(table: str, number: int) -> str:
+    """`train.parquet`'s part 3 is `train.part00003.parquet`."""
+    stem = table.removesuffix(".parquet")
+    return f"{stem}.part{number:05d}.parquet"
+
+
+def parts_of(table: str, manifest: dict) -> list[str]:
+    """The names of a table's parts in a manifest, in order ([] when it is one file)."""
+    stem = table.removesuffix(".parquet") + ".part"
+    return sorted(n for n in manifest["files"] if n.startswith(stem) and n.endswith(".parquet")
+                  and n[len(stem):-len(".parquet")].isdigit())
+
+
+def new_attempt() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+def write_part(root: str, prefix: str, attempt: str, name: str, df: pd.DataFrame) -> dict:
+    """One part of a table, written by a worker into an output's attempt folder (published
+    later with the others by the manifest). Returns its manifest entry."""
+    the_lake = _lake(root)
+    data = to_parquet_bytes(df)
+    with storage_errors(the_lake.url(prefix), "publish there"):
+        _write_atomic(the_lake.fs, the_lake._path(prefix, attempt, name), data)
+    return {"path": f"{attempt}/{name}", "sha256": digest(data), "bytes": len(data),
+            "rows": len(df)}
+
+
+def read_part(root: str, prefix: str, name: str, entry: dict) -> pd.DataFrame:
+    """One published part, read by a worker and checked against its manifest digest."""
+    data = _lake(root).read(prefix, name, {"files": {name: entry}})
+    return pd.read_parquet(io.BytesIO(data))
+
+
+_lakes: dict[str, "Lake"] = {}
+
+
+def _lake(root: str) -> "Lake":
+    """One Lake per root in a worker process (each opens its filesystem once)."""
+    if root not in _lakes:
+        _lakes[root] = Lake(root)
+    return _lakes[root]

@@ -14,13 +14,13 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import ModuleType
 
 from omegaconf import DictConfig
 
-from trainpipe import cache, demo, lake
+from trainpipe import cache, cluster, demo, lake
 from trainpipe.catalog import Catalog, outputs, stored
 from trainpipe.errors import ConfigError, Interrupted
 from trainpipe.lake import DamagedOutput
@@ -42,22 +42,24 @@ class Step:
 
 
 DATASET = ("dataset.target", "dataset.task")
+# compute=dask publishes tables in parts, splits by row hashes and trains with lightgbm.dask
+ENGINE = ("compute.engine",)
 # How the source spells missing values and booleans: validate and the model both read it.
 SPELLINGS = ("dataset.na_values", "dataset.true_values", "dataset.false_values")
 STEPS = (
     Step("ingest", ingest, ("sources",), ()),
     Step("validate", validate, ("raw", "raw_scoring"),
          ("dataset.name", "dataset.columns", "dataset.id_column", "dataset.strict", "validate",
-          *SPELLINGS, *DATASET)),
-    Step("split", split, ("validated",), ("seed", "split", *DATASET)),
+          *SPELLINGS, *DATASET, *ENGINE)),
+    Step("split", split, ("validated",), ("seed", "split", *DATASET, *ENGINE)),
     Step("features", features, ("splits",),
          ("dataset.columns", "dataset.derived", "dataset.id_column", "model.preprocessing",
-          *SPELLINGS, *DATASET)),
+          *SPELLINGS, *DATASET, *ENGINE)),
     # The model lives in the tracking store: another store means another output.
     # model.search_space is what tuning may try, not what this model is: not read.
     Step("train", train, ("splits", "transformer", "features"),
          ("model.name", "model._target_", "model.preprocessing", "model.params",
-          "tracking.uri", *DATASET)),
+          "tracking.uri", *DATASET, *ENGINE)),
     Step("evaluate", evaluate, ("model", "features"), ("evaluate", "dataset.positive_class",
                                                         *DATASET)),
     # The registry lives in the tracking store. registry.require_promotion is left out: it
@@ -162,7 +164,11 @@ def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
                 _report_up_to_date(catalog, steps, reused, result, on_step)
                 return result
             tracker = tracker or Tracker.start()
-            _run_tracked(cfg, overrides, catalog, steps, reused, result, on_step, tracker)
+            compute = (cluster.connected(cfg, on_notice) if cluster.enabled(cfg)
+                       else nullcontext({}))
+            with compute as compute_tags:
+                _run_tracked(cfg, overrides, catalog, steps, reused, result, on_step, tracker,
+                             compute_tags)
     except BaseException as exc:  # noqa: BLE001 - reported to the caller, runs already ended
         result.error = exc
     finally:
@@ -192,7 +198,7 @@ def plan(catalog: Catalog, steps: list[Step], force: bool,
                         _check_input(catalog, name, reused)
             for step in steps:  # e.g. train: the estimator takes model.params
                 if reused[step.name] is None and hasattr(step.module, "check"):
-                    step.module.check(catalog.cfg)
+                    step.module.check(catalog.cfg, catalog.sources)
             return reused
         except DamagedOutput as exc:
             step = _step_of(catalog, exc)
@@ -314,7 +320,8 @@ def _collect(result: RunResult, tags: dict[str, str], metrics: dict[str, float],
 
 
 def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps: list[Step],
-                 reused: dict[str, dict | None], result: RunResult, on_step, tracker) -> None:
+                 reused: dict[str, dict | None], result: RunResult, on_step, tracker,
+                 compute_tags: dict[str, str]) -> None:
     """Run the steps that must run, recorded through the tracker process. A step's outputs
     are published in the background while the next step works (the step after it takes
     them from memory): MLflow's run ids, which manifests name, arrive when they arrive."""
@@ -331,6 +338,7 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
     try:
         sources = {role: source.describe() for role, source in catalog.sources.items()}
         tracking.log_sources(parent, cfg, sources)
+        _collect(result, compute_tags, {}, tracking, parent)
         # what the runner gives steps besides step outputs: the data, the run they are in
         values: dict = {"sources": catalog.sources, "pipeline_run_id": parent}
 
@@ -491,6 +499,7 @@ def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: C
             inputs = {n: values[n] for n in step.inputs}
             inputs = {n: v.result() if isinstance(v, Pending) else v for n, v in inputs.items()}
             outputs, report = step.module.run(cfg, **inputs)
+            outputs = catalog.materialize(step.name, outputs)  # compute=dask: parts written
         except Exception as exc:
             _record_failure_report(tracking, run, exc)
             raise

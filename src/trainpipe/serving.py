@@ -26,14 +26,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from trainpipe import coerce, lake, supervise
+from trainpipe import lake, supervise
 from trainpipe.errors import ConfigError, DataValidationError, Interrupted
 from trainpipe.redaction import redact_text, redact_uri
-from trainpipe.schema import parse_options
 from trainpipe.steps import Report
 from trainpipe.steps.predict import CHUNK_ROWS, input_columns, score
 
@@ -170,6 +168,8 @@ def _score_file(cfg: DictConfig, estimator, version: str, source: lake.LocalFile
     """Validate and score the input chunk by chunk into the local file `path`; the number of
     rows, or DataValidationError with the report once the whole input is checked."""
     name = redact_uri(lake.absolute(source.url))
+    from trainpipe.steps.validate import ChunkedValidation
+
     validation = ChunkedValidation(cfg, name, lambda column: (
         chunk[column] for chunk in _read_chunks(source, cfg.dataset, chunk_rows, [column])))
     with _Writer(path, out_format) as writer:
@@ -228,136 +228,6 @@ class _Writer:
         for handle in (self._parquet, self._csv):
             if handle is not None:
                 handle.close()
-
-
-# The validate step's checks, chunk by chunk. validate.py and ingest.py own how values are
-# parsed and checked; `_check_chunk` and `_read_chunks` are the only places that call into
-# them.
-
-
-def _check_chunk(dataset: DictConfig, checks: DictConfig, chunk: pd.DataFrame, source: str):
-    """validate's `_check` on one chunk of rows to score (its index: the file's row numbers):
-    the validated chunk (None when it fails) and the failures."""
-    from trainpipe.steps.ingest import RawTable
-    from trainpipe.steps.validate import _check
-
-    cfg = OmegaConf.create({"dataset": dataset, "validate": checks})
-    return _check(cfg, RawTable(chunk, source, "", ""), with_target=False)
-
-
-class ChunkedValidation:
-    """The validate step's checks over a file read in chunks, reported as for a whole table.
-    Each chunk gets the checks of single rows; what only the whole file can answer (the
-    number of rows, unique columns, columns without a single value) is gathered on the way
-    and checked by `finish`. Failures of one column and check in several chunks are one line,
-    with the rows of all of them.
-
-    A unique column is the one thing held for the whole file: a 64-bit hash of each value
-    (8 bytes a row, 16 while they are sorted). When some repeat, `column_values` reads the
-    file again for the values of the example rows."""
-
-    def __init__(self, cfg: DictConfig, source: str,
-                 column_values: Callable[[str], Iterator[pd.Series]]):
-        from trainpipe.steps import validate
-
-        self.validate = validate
-        self.dataset, self.checks, self.source = cfg.dataset, cfg.validate, source
-        self.column_values = column_values
-        columns = self.dataset.columns
-        self.unique = [c for c, spec in columns.items()
-                       if c != self.dataset.target and spec.get("unique")]
-        id_column = self.dataset.get("id_column")
-        if self.checks.unique_id and id_column in columns and id_column not in self.unique:
-            self.unique.append(id_column)
-        per_chunk = OmegaConf.to_container(self.dataset)
-        for spec in per_chunk["columns"].values():
-            spec["unique"] = False
-        self.chunk_dataset = OmegaConf.create(per_chunk)
-        self.chunk_checks = OmegaConf.merge(self.checks, {
-            "min_rows": 1, "unique_id": False, "all_null_columns": False})
-        self.spellings = parse_options(self.dataset)  # missing values, booleans
-        self.rows = 0
-        self.failures: dict[tuple, dict] = {}
-        self.present: set[str] = set()  # columns of the file
-        self.with_values: set[str] = set()  # columns with at least one value so far
-        self.hashes: dict[str, list[np.ndarray]] = {c: [] for c in self.unique}
-
-    def check(self, chunk: pd.DataFrame) -> pd.DataFrame | None:
-        """The validated chunk, or None when it fails."""
-        self.rows += len(chunk)
-        self.present |= set(map(str, chunk.columns))
-        self.with_values |= {str(c) for c in chunk.columns if self._has_value(chunk[c])}
-        validated, failures = _check_chunk(self.chunk_dataset, self.chunk_checks, chunk,
-                                           self.source)
-        for column in self.unique:  # as the check left it: coerced to its type if it could be
-            if column in chunk:
-                self.hashes[column].append(
-                    pd.util.hash_pandas_object(chunk[column], index=False).to_numpy())
-        for failure in failures:
-            key = (failure["column"], failure["check"], failure["message"])
-            if key not in self.failures:
-                self.failures[key] = failure
-            elif failure["check"] not in self.validate.COLUMN_CHECKS:
-                merged = self.failures[key]
-                merged["rows"] += failure["rows"]
-                merged["examples"] = (merged["examples"]
-                                      + failure["examples"])[:self.validate.EXAMPLES]
-        return validated
-
-    def _has_value(self, values: pd.Series) -> bool:
-        """A cell that is neither null nor text the dataset calls missing (a CSV's empty
-        cell is read as '')."""
-        present = values.notna()
-        if values.dtype == object or isinstance(values.dtype, pd.StringDtype):
-            present &= ~values.isin(self.spellings["na_values"])
-        return bool(present.any())
-
-    def finish(self) -> list[dict]:
-        """Every failure, the whole-file checks included."""
-        v, source = self.validate, self.source
-        least = max(int(self.checks.min_rows), 1)
-        if self.rows < least:  # as for a whole table: nothing else is checked then
-            message = ("the file has no data rows" if self.rows == 0 else
-                       f"{self.rows} data rows, fewer than validate.min_rows="
-                       f"{self.checks.min_rows}")
-            return [v._failure(source, None, "min_rows", self.rows, [], message)]
-        failures = [f for column in self.unique if (f := self._duplicates(column))]
-        all_null = []
-        if self.checks.all_null_columns:
-            all_null = [v._failure(source, c, "not_all_null", self.rows, [],
-                                   "every value is missing")
-                        for c in self.dataset.columns
-                        if c in self.present and c not in self.with_values]
-        missing = {f["column"] for f in all_null}  # one cause, one line
-        order = {c: i for i, c in enumerate(self.dataset.columns)}  # as for a whole table
-        failures += sorted((f for f in self.failures.values()
-                            if not (f["check"] == "not_nullable" and f["column"] in missing)),
-                           key=lambda f: order.get(f["column"], -1))
-        return failures + all_null
-
-    def _duplicates(self, column: str) -> dict | None:
-        parts = self.hashes.pop(column)
-        if not parts:
-            return None
-        hashes = np.concatenate(parts)
-        del parts
-        ordered = np.sort(hashes)
-        repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
-        del ordered
-        if not len(repeated):
-            return None
-        rows = np.flatnonzero(np.isin(hashes, repeated))  # every row of a repeated value
-        wanted = set(rows[:self.validate.EXAMPLES].tolist())
-        spec = self.dataset.columns[column]
-        examples = []
-        for values in self.column_values(column):  # shown as validate shows them: typed
-            picked = values[values.index.isin(wanted)]
-            typed, _, _ = coerce.parse(picked, spec.type, nullable=True,
-                                       date_format=spec.get("format"), **self.spellings)
-            examples += [{"row": int(i), "value": self.validate._plain(x, spec.type == "int")}
-                         for i, x in typed.items()]
-        return self.validate._failure(self.source, column, "field_uniqueness", len(rows),
-                                      examples)
 
 
 def _read_chunks(source: lake.LocalFile, dataset: DictConfig, rows: int,

@@ -88,6 +88,9 @@ def plan(cfg: DictConfig) -> Plan:
         raise ConfigError(f"model.search_space: {cfg.model.name} has no parameters to search; "
                           "add some, e.g. +model.search_space.max_depth='{type: int, low: 3, "
                           "high: 12}'")
+    if cfg.compute.engine != "local":
+        raise ConfigError("compute=dask: trainpipe tune runs on compute=local (each trial fits "
+                          "in one process); use trainpipe run compute=dask for the final model")
     check_estimator_takes(cfg, space)
     metric = cfg.tune.metric or evaluate.PRIMARY[cfg.dataset.task][0]
     known = TASK_METRICS[cfg.dataset.task]

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from trainpipe import cluster
 from trainpipe.catalog import Json
 from trainpipe.errors import ConfigError
 from trainpipe.steps import Report
@@ -24,14 +25,13 @@ def run(cfg: DictConfig, model, features: dict[str, pd.DataFrame]) -> tuple[dict
     positive = positive_class(cfg.dataset, getattr(estimator, "classes_", None))
     metrics, predictions = {}, {}
     for split in ("val", "test"):
-        x, y = features[split].drop(columns=[target]), features[split][target]
-        pred, proba = predict(estimator, x, task)
-        predictions[split] = (y, pred, proba)
+        y, pred, proba = predictions[split] = predict_rows(estimator, features[split], target,
+                                                           task)
         scores = metrics_of(task, y, pred, proba, getattr(estimator, "classes_", None), positive)
         metrics |= {f"{split}_{k}": float(v) for k, v in scores.items()}
     artifacts = (_plots(task, estimator, *predictions["test"], positive,
                         f"{cfg.model.name} · {cfg.dataset.name}",
-                        f"test split ({len(features['test']):,} rows)")
+                        f"test split ({len(predictions['test'][0]):,} rows)")
                  if cfg.evaluate.plots else {})
     headline = f"test_{PRIMARY[task][0]}"
     summary = f"{headline} {metrics[headline]:.4f}"
@@ -74,6 +74,26 @@ def positive_class(dataset: DictConfig, classes) -> object:
                       f"labels {[_plain(v) for v in labels]}; say which one the metrics (recall, "
                       "precision, ROC) are about, e.g. dataset.positive_class="
                       f"{_plain(labels[-1])}")
+
+
+def predict_rows(model, rows, target: str, task: str, columns: list[str] | None = None):
+    """True values, predicted labels (values) and class probabilities of a table's rows
+    (the model reads `columns`, default all but the target). A Dask table is predicted
+    partition by partition on the workers; the three arrays come back whole, so every
+    metric is exact."""
+    if cluster.is_dask(rows):
+        parts = cluster.per_partition(_predict_part, rows, model, target, task, columns)
+        y = np.concatenate([p[0] for p in parts])
+        pred = np.concatenate([p[1] for p in parts])
+        proba = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+        return y, pred, proba
+    x = rows[columns] if columns else rows.drop(columns=[target])
+    pred, proba = predict(model, x, task)
+    return rows[target].to_numpy(), np.asarray(pred), proba
+
+
+def _predict_part(part, model, target: str, task: str, columns: list[str] | None):
+    return predict_rows(model, part, target, task, columns)
 
 
 def predict(estimator, x, task):

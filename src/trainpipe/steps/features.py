@@ -9,7 +9,7 @@ model needs nothing from trainpipe to load.
 import pandas as pd
 from omegaconf import DictConfig
 
-from trainpipe import coerce
+from trainpipe import cluster, coerce
 from trainpipe.catalog import Pickle, Tables
 from trainpipe.expressions import add_derived, parse_derived
 from trainpipe.schema import feature_columns, parse_options
@@ -90,17 +90,78 @@ def run(cfg: DictConfig, splits: dict[str, pd.DataFrame]) -> tuple[dict, Report]
     target = cfg.dataset.target
     # The model's inputs: raw feature columns only, so it never asks for the id or target.
     inputs = list(feature_columns(cfg.dataset))
-    transformer = build_transformer(cfg)
-    transformer.fit(splits["train"][inputs], splits["train"][target])
-    features = {}
-    for name, df in splits.items():
-        x = transformer.transform(df[inputs])
-        x[target] = df[target].to_numpy()
-        features[name] = x
-    n_features = features["train"].shape[1] - 1
+    if cluster.is_dask(splits["train"]):
+        transformer = fit_on_dask(cfg, splits["train"][inputs])
+        sample = _features_of(splits["train"].head(2), transformer, inputs, target)
+        features = {name: df.map_partitions(_features_of, transformer, inputs, target,
+                                            meta=sample.iloc[:0])
+                    for name, df in splits.items()}
+    else:
+        transformer = build_transformer(cfg)
+        transformer.fit(splits["train"][inputs], splits["train"][target])
+        features = {name: _features_of(df, transformer, inputs, target)
+                    for name, df in splits.items()}
+    n_features = len(features["train"].columns) - 1
     return {"transformer": transformer, "features": features}, Report(
         summary=f"{n_features} features",
         params={"n_features": n_features,
                 "categorical_encoding": cfg.model.preprocessing.categorical_encoding,
                 "scale_numeric": cfg.model.preprocessing.scale_numeric},
     )
+
+
+def _features_of(df: pd.DataFrame, transformer, inputs: list[str], target: str) -> pd.DataFrame:
+    x = transformer.transform(df[inputs])
+    x[target] = df[target].to_numpy()
+    return x
+
+
+def fit_on_dask(cfg: DictConfig, train):
+    """The transformer of `build_transformer`, a plain scikit-learn object, fitted on a Dask
+    training split: its statistics come from Dask over every row. Categories are exact;
+    medians are Dask's approximate quantiles; means and variances (scaling) exact.
+
+    The column step is fitted on a small stand-in table that has exactly those statistics
+    (each category once, each median as the value of its column); the scalers then get the
+    moments of the whole split."""
+    import dask
+    import numpy as np
+    from sklearn.pipeline import Pipeline
+
+    transformer = build_transformer(cfg)
+    *first, (_, columns) = transformer.steps
+    prepare = Pipeline(first)  # contract types and derived columns: no statistics
+    prepare.fit(train.head(100))
+    prepared = train.map_partitions(prepare.transform,
+                                    meta=prepare.transform(train.head(2)).iloc[:0])
+    kinds = {name: cols for name, _, cols in columns.transformers}
+    numeric, dates, categorical = kinds["numeric"], kinds["dates"], kinds["categorical"]
+    as_numbers = prepared[numeric + dates].map_partitions(_days, dates)
+    medians, rows, counts, sums, squares, *uniques = dask.compute(
+        as_numbers.quantile(0.5), prepared.shape[0], as_numbers.count(), as_numbers.sum(),
+        (as_numbers ** 2).sum(), *[prepared[c].dropna().unique() for c in categorical])
+    size = max([1, *map(len, uniques)])
+    stand_in = {c: np.full(size, medians[c]) for c in numeric}
+    stand_in |= {c: pd.Timestamp(0) + pd.to_timedelta(np.full(size, medians[c]), unit="D")
+                 for c in dates}
+    stand_in |= {c: np.resize(np.sort(np.asarray(u)), size) for c, u in
+                 zip(categorical, uniques, strict=True)}
+    meta = prepared._meta
+    table = pd.DataFrame(stand_in)[list(meta.columns)].astype(meta.dtypes.to_dict())
+    columns.fit(table)
+    for name, cols in (("numeric", numeric), ("dates", dates)):
+        scaler = columns.named_transformers_[name][-1]
+        if cols and hasattr(scaler, "scale_"):  # the moments of the imputed columns
+            filled = rows - counts[cols]
+            mean = (sums[cols] + filled * medians[cols]) / rows
+            var = (squares[cols] + filled * medians[cols] ** 2) / rows - mean ** 2
+            scaler.mean_, scaler.var_ = mean.to_numpy(), var.clip(lower=0).to_numpy()
+            scaler.scale_ = np.where(scaler.var_ > 0, np.sqrt(scaler.var_), 1.0)
+            scaler.n_samples_seen_ = rows
+    return transformer
+
+
+def _days(df: pd.DataFrame, dates: list[str]) -> pd.DataFrame:
+    """Date columns as days since 1970 (as the transformer sees them), others as they are."""
+    return df.assign(**{c: (df[c] - pd.Timestamp(0)) / pd.Timedelta(days=1) for c in dates}
+                     ).astype("float64")

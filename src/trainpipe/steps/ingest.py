@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from trainpipe import cluster
 from trainpipe.errors import DataValidationError, SourceError
-from trainpipe.lake import Source, absolute, read_source
+from trainpipe.lake import PartedSource, Source, absolute, list_source, read_source, storage_options
 from trainpipe.redaction import redact_uri
 from trainpipe.steps import Report
 
@@ -27,25 +28,53 @@ class RawTable:
     format: str
 
 
-def read_sources(cfg: DictConfig) -> dict[str, Source]:
+def read_sources(cfg: DictConfig) -> dict[str, Source | PartedSource]:
     """The raw bytes of the training data (and scoring data), read once per run: their
-    digests identify the data before any of it is parsed."""
-    sources = {"train": read_source(cfg.dataset.source)}
+    digests identify the data before any of it is parsed. compute=dask: the training data's
+    files, which the workers read (their digests: see lake.PartedSource)."""
+    if cluster.enabled(cfg):
+        sources = {"train": list_source(cfg.dataset.source, cfg.lake.root)}
+    else:
+        sources = {"train": read_source(cfg.dataset.source)}
     if cfg.dataset.get("scoring_source"):
         sources["scoring"] = read_source(cfg.dataset.scoring_source)
     return sources
 
 
 def run(cfg: DictConfig, sources: dict[str, Source]) -> tuple[dict, Report]:
-    raw = to_table(sources["train"])
+    if isinstance(sources["train"], PartedSource):
+        raw = to_dask_table(cfg, sources["train"])
+        summary = (f"{len(sources['train'].files)} {raw.format} file(s), "
+                   f"{sources['train'].size / 2**20:,.1f} MiB in {raw.df.npartitions} "
+                   f"partitions x {raw.df.shape[1]} columns")
+        params = {"source": raw.source, "source_digest": raw.digest,
+                  "source_files": len(sources["train"].files)}
+    else:
+        raw = to_table(sources["train"])
+        summary = f"{len(raw.df):,} rows x {raw.df.shape[1]} columns ({raw.format})"
+        params = {"source": raw.source, "source_digest": raw.digest, "rows": len(raw.df)}
     scoring = to_table(sources["scoring"]) if "scoring" in sources else None
-    summary = f"{len(raw.df):,} rows x {raw.df.shape[1]} columns ({raw.format})"
-    params = {"source": raw.source, "source_digest": raw.digest, "rows": len(raw.df)}
     if scoring is not None:
         summary += f"; scoring {len(scoring.df):,} rows"
         params |= {"scoring_source": scoring.source, "scoring_digest": scoring.digest,
                    "scoring_rows": len(scoring.df)}
     return {"raw": raw, "raw_scoring": scoring}, Report(summary=summary, params=params)
+
+
+def to_dask_table(cfg: DictConfig, source: PartedSource) -> RawTable:
+    """A Dask DataFrame over the source's files (read by the workers): CSV cells as text, as
+    a whole file is read here; a partition per `compute.blocksize` of CSV, per row group of
+    Parquet."""
+    import dask.dataframe as dd
+
+    urls = [f["url"] for f in source.files]
+    options = storage_options(source.url)
+    if source.format == "parquet":
+        df = dd.read_parquet(urls, split_row_groups=True, storage_options=options)
+    else:
+        df = dd.read_csv(urls, blocksize=cfg.compute.blocksize, encoding="utf-8-sig",
+                         storage_options=options, **TEXT_CSV)
+    return RawTable(df, redact_uri(absolute(source.url)), source.digest, source.format)
 
 
 def to_table(source: Source) -> RawTable:

@@ -23,12 +23,13 @@ from functools import cache
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from trainpipe import cluster
 from trainpipe.catalog import Json
 from trainpipe.errors import ConfigError
 from trainpipe.redaction import shorten
 from trainpipe.registry import CHALLENGER, CHAMPION, Move, Registry
 from trainpipe.steps import Report
-from trainpipe.steps.evaluate import PRIMARY, metrics_of, positive_class, predict
+from trainpipe.steps.evaluate import PRIMARY, metrics_of, positive_class, predict_rows
 
 ZONE = "models"
 OUTPUTS = {"registration": Json("registration.json", parent="tags")}
@@ -155,7 +156,7 @@ def _basis(scores: dict[str, float], criteria: Criteria, champion: int | None,
     return f"{bounds}; champion version {champion} not compared (beat_champion=false)"
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: DictConfig, sources: dict | None = None) -> None:
     """Before any step runs: every bound names a test metric the task reports."""
     names = metric_names(cfg.dataset.task)
     for metric in cfg.registry.gate.metrics or {}:
@@ -241,8 +242,15 @@ def rows_digest(df: pd.DataFrame) -> str:
     """What identifies a split's rows (values and order), for telling splits apart."""
     import hashlib
 
-    hashes = pd.util.hash_pandas_object(df, index=False).to_numpy()
-    return hashlib.sha256(hashes.tobytes()).hexdigest()[:16]
+    parts = cluster.per_partition(_row_hashes, df) if cluster.is_dask(df) else [_row_hashes(df)]
+    sha = hashlib.sha256()
+    for hashes in parts:  # the same digest for the same rows, however they are partitioned
+        sha.update(hashes.tobytes())
+    return sha.hexdigest()[:16]
+
+
+def _row_hashes(df: pd.DataFrame):
+    return pd.util.hash_pandas_object(df, index=False).to_numpy()
 
 
 def score(registry, champion, cfg: DictConfig, test: pd.DataFrame
@@ -265,12 +273,10 @@ def score(registry, champion, cfg: DictConfig, test: pd.DataFrame
     if missing:
         return None, (f"it needs columns these rows lack: {', '.join(missing[:10])}"
                       + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
-    x = test[columns] if columns else test.drop(columns=[target])
     try:
-        pred, proba = predict(model, x, task)
+        y, pred, proba = predict_rows(model, test, target, task, columns or None)
         classes = getattr(model, "classes_", None)
-        scores = metrics_of(task, test[target], pred, proba, classes,
-                            positive_class(cfg.dataset, classes))
+        scores = metrics_of(task, y, pred, proba, classes, positive_class(cfg.dataset, classes))
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, ConfigError) as exc:
         text = " ".join(str(exc).split()) or type(exc).__name__
         return None, f"scoring failed: {shorten(text, 300)}"

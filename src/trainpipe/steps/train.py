@@ -5,11 +5,13 @@ predicts on raw rows exactly as training saw them.
 """
 
 import contextlib
+import io
 import re
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from trainpipe import cluster
 from trainpipe.catalog import MlflowModel
 from trainpipe.errors import ConfigError
 from trainpipe.steps import Report
@@ -45,10 +47,12 @@ def build_estimator(model_cfg: DictConfig):
         raise ConfigError(f"model.params: {exc}") from None
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: DictConfig, sources: dict | None = None) -> None:
     """Before any step runs: the estimator can be made from `model.params`, and takes them.
     scikit-learn's own estimators check their declared constraints; others (LightGBM) only
     say what they refuse when they fit, so they fit a tiny table here."""
+    if sources and cluster.enabled(cfg):
+        check_collectable(cfg, sources)
     estimator = build_estimator(cfg.model)
     try:
         if hasattr(estimator, "_parameter_constraints"):
@@ -63,8 +67,6 @@ def check(cfg: DictConfig) -> None:
 
 
 def _tiny_fit(estimator, task: str) -> None:
-    import io
-
     import numpy as np
     from sklearn.base import clone
 
@@ -99,10 +101,57 @@ def run(cfg: DictConfig, splits: dict[str, pd.DataFrame], transformer,
     target = cfg.dataset.target
     estimator = build_estimator(cfg.model)
     train = features["train"]
-    estimator.fit(train.drop(columns=[target]), train[target])
+    if cluster.is_dask(train) and trains_on_dask(cfg):
+        estimator, on = _fit_on_dask(cfg, train), f"{train.npartitions} partitions"
+    else:
+        if cluster.is_dask(train):  # checked before any step ran; measured again here
+            train = cluster.collect(train, cfg.compute.collect_limit,
+                                    f"model={cfg.model.name}: the training split")
+        estimator.fit(train.drop(columns=[target]), train[target])
+        on = f"{len(train):,} rows"
     model = Pipeline([*transformer.steps, ("model", estimator)])
     example = splits["train"].head(EXAMPLE_ROWS)[list(transformer.feature_names_in_)]
     params = {"model": cfg.model.name, "estimator": cfg.model._target_,
               **OmegaConf.to_container(cfg.model.get("params") or {}, resolve=True)}
     return {"model": model, "example": example}, Report(
-        summary=f"{type(estimator).__name__} on {len(train):,} rows", params=params)
+        summary=f"{type(estimator).__name__} on {on}", params=params)
+
+
+def trains_on_dask(cfg: DictConfig) -> bool:
+    """LightGBM trains on Dask partitions (lightgbm.dask); scikit-learn models cannot."""
+    return str(cfg.model._target_).startswith("lightgbm.")
+
+
+def _fit_on_dask(cfg: DictConfig, train):
+    """lightgbm.dask's estimator fitted on the workers' partitions; the model kept is its
+    local equivalent (LGBMClassifier / LGBMRegressor), which predicts on pandas."""
+    import lightgbm.dask as lgb_dask
+
+    target = cfg.dataset.target
+    params = OmegaConf.to_container(cfg.model.get("params") or {}, resolve=True)
+    name = str(cfg.model._target_).rsplit(".", 1)[1]  # LGBMClassifier -> DaskLGBMClassifier
+    estimator = getattr(lgb_dask, f"Dask{name}")(**params)
+    with contextlib.redirect_stderr(io.StringIO()):  # "Found ... in params" warnings
+        estimator.fit(train.drop(columns=[target]), train[target])
+    return estimator.to_local()
+
+
+def check_collectable(cfg: DictConfig, sources: dict) -> None:
+    """compute=dask with a scikit-learn model: it trains on the collected training split,
+    so that split must fit in compute.collect_limit. Estimated from the source's size
+    before any work (a CSV's bytes, Parquet's x4 for its compression)."""
+    from dask.utils import format_bytes, parse_bytes
+
+    source = sources["train"]
+    if trains_on_dask(cfg) or not hasattr(source, "files"):
+        return
+    share = 1 - float(cfg.split.val_size) - float(cfg.split.test_size)
+    estimate = source.size * (4 if source.format == "parquet" else 1) * share
+    limit = parse_bytes(cfg.compute.collect_limit)
+    if estimate > limit:
+        raise ConfigError(
+            f"model={cfg.model.name}: {cfg.model._target_} cannot train out of core; with "
+            f"compute=dask it trains on the collected training split, about "
+            f"{format_bytes(int(estimate))} here, over compute.collect_limit="
+            f"{cfg.compute.collect_limit}. Use model=lightgbm (it trains on the Dask "
+            "workers), or raise compute.collect_limit if this machine has the memory")

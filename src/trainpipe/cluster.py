@@ -1,0 +1,139 @@
+"""compute=dask: the one place that knows Dask (dask.distributed).
+
+It connects to the cluster a run works on (a LocalCluster on this machine, or a running
+scheduler at `compute.address`), turns a lake table's parts into a Dask DataFrame and back,
+and says whether a value is a Dask collection. Steps hold Dask DataFrames as they would
+pandas ones; the catalog writes each partition as a Parquet part from the worker that
+computed it, so no table passes through this process.
+
+Workers need what this process needs to reach the lake: the same AWS_* environment for an
+S3 lake, the same path for a local one (a LocalCluster's workers inherit both).
+"""
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from trainpipe import lake
+from trainpipe.errors import ConfigError
+from trainpipe.redaction import redact_uri
+
+
+def enabled(cfg: DictConfig) -> bool:
+    return OmegaConf.select(cfg, "compute.engine", default="local") == "dask"
+
+
+def is_dask(value: Any) -> bool:
+    return type(value).__module__.startswith("dask")
+
+
+def plain(cfg: DictConfig) -> DictConfig:
+    """The config resolved, for worker processes (which know none of trainpipe's resolvers)."""
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+@contextmanager
+def connected(cfg: DictConfig, notice: Callable[[str], None]) -> Iterator[dict[str, str]]:
+    """A Dask client for the run (the default one while the block runs); yields the tags the
+    parent run records: engine, workers, threads, memory, dashboard."""
+    from distributed import Client, LocalCluster
+
+    compute = cfg.compute
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    cluster = None
+    try:
+        if compute.address:
+            client = Client(str(compute.address), timeout="30s")
+        else:
+            cluster = LocalCluster(n_workers=int(compute.workers),
+                                   threads_per_worker=int(compute.threads_per_worker),
+                                   memory_limit=compute.memory_limit, processes=True,
+                                   dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
+            client = Client(cluster)
+    except OSError as exc:  # no scheduler there (distributed raises OSError after timeout)
+        where = compute.address or "a LocalCluster"
+        raise ConfigError(f"compute.address: cannot connect to the Dask scheduler at {where} "
+                          f"({exc})") from None
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        threads = sum(w["nthreads"] for w in workers)
+        memory = sum(w.get("memory_limit") or 0 for w in workers)
+        tags = {"trainpipe.compute.engine": "dask",
+                "trainpipe.compute.scheduler": (
+                    "LocalCluster" if cluster else redact_uri(str(compute.address))),
+                "trainpipe.compute.workers": str(len(workers)),
+                "trainpipe.compute.threads": str(threads),
+                "trainpipe.compute.memory": f"{memory / 2**30:.1f} GiB"}
+        if not workers:
+            raise ConfigError(f"compute.address: the Dask scheduler at {compute.address} has no "
+                              "workers; start some: dask worker " + str(compute.address))
+        dashboard = client.dashboard_link
+        notice(f"Dask: {len(workers)} workers, {threads} threads, "
+               f"{tags['trainpipe.compute.memory']}"
+               + (f"; dashboard {dashboard}" if dashboard else ""))
+        yield tags
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def read_table(root: str, prefix: str, manifest: dict, table: str):
+    """A table published as parts: a Dask DataFrame whose partitions are its parts, each
+    checked against its digest as a worker reads it."""
+    import dask.dataframe as dd
+
+    names = lake.parts_of(table, manifest)
+    entries = [manifest["files"][n] for n in names]
+    meta = _meta(root, prefix, names[0], entries[0])
+    return dd.from_map(lake.read_part, [root] * len(names), [prefix] * len(names), names,
+                       entries, meta=meta, enforce_metadata=False)
+
+
+def _meta(root: str, prefix: str, name: str, entry: dict) -> pd.DataFrame:
+    """The columns and types of a part (its Parquet schema, no rows)."""
+    import pyarrow.parquet as pq
+
+    the_lake = lake.Lake(root)
+    with the_lake.fs.open(the_lake._path(prefix, entry["path"]), "rb") as f:
+        return pq.read_schema(f).empty_table().to_pandas()
+
+
+def write_tables(root: str, prefix: str, tables: dict[str, Any]) -> tuple[str, dict]:
+    """Write Dask DataFrames as Parquet parts into a new attempt folder under `prefix`, all
+    in one computation (tables made from one source are read once). Returns the attempt and
+    the manifest entries by part name; nothing is published yet."""
+    import dask
+
+    attempt = lake.new_attempt()
+    names, writes = [], []
+    for table, frame in tables.items():
+        for number, part in enumerate(frame.to_delayed()):
+            names.append(lake.part_name(table, number))
+            writes.append(dask.delayed(lake.write_part)(root, prefix, attempt, names[-1], part))
+    return attempt, dict(zip(names, dask.compute(*writes), strict=True))
+
+
+def collect(frame, limit: str | int, what: str):
+    """A Dask DataFrame as one pandas DataFrame when it fits in `limit` bytes of memory."""
+    from dask.utils import parse_bytes
+
+    size = int(frame.memory_usage(deep=True, index=False).sum().compute())
+    if size > parse_bytes(limit):
+        raise ConfigError(f"{what}: {size / 2**20:,.0f} MiB in memory, over "
+                          f"compute.collect_limit={limit}")
+    return frame.compute()
+
+
+def per_partition(fn: Callable, frame, *shared) -> list:
+    """`fn(partition, *shared)` for every partition of a Dask DataFrame, on the workers; the
+    results in partition order. `shared` values (a model) go into the graph once."""
+    import dask
+
+    shared = [dask.delayed(value, pure=True) for value in shared]
+    return list(dask.compute(*[dask.delayed(fn, pure=True)(part, *shared)
+                               for part in frame.to_delayed()]))
