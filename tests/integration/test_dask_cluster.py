@@ -7,6 +7,8 @@ import io
 import json
 import os
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +26,6 @@ from integration_support import (
     s3_keys,
     s3_read,
     start_dask_cluster,
-    start_trainpipe,
     trainpipe,
     unavailable,
 )
@@ -217,68 +218,112 @@ def test_validation_failure_across_parts(dask_cluster, server, database, moto, a
     assert validate["status"] == "FAILED"
 
 
-def test_a_worker_killed_mid_step(server, database, moto, aws_env, tmp_path):
-    """SIGKILL one of two workers (its nanny and its worker process) while the split step's
-    parts are being written: either Dask recomputes the lost work on the other worker and
-    the run succeeds, or the run fails cleanly (no run RUNNING, no manifest for the step,
-    every manifest whole). Then, with a fresh worker, a re-run finishes and reuses what was
+@pytest.mark.parametrize("step", ["split", "train"])
+def test_a_worker_killed_mid_step(step, server, database, moto, aws_env, tmp_path):
+    """SIGKILL one of two workers (its nanny and its worker process) in the middle of a step:
+    while the split's parts are being written, or while LightGBM trains on both workers.
+    Either Dask does the lost work again on the other worker and the run succeeds, or the
+    run fails cleanly (in words, no run RUNNING, no manifest for the failed step, every
+    manifest whole). Then, with a fresh worker, a re-run finishes and reuses what was
     published before."""
+    root = f"killed-{step}"
     cluster = start_dask_cluster(tmp_path / "dask", clean_env() | aws_env)  # its own
     try:
-        source = put_csv(moto, "killed/raw/hotel_bookings/train.csv", hotel())  # 42,100 rows
-        # about 60 partitions: the split writes about 180 parts, one S3 object each
-        args = on_dask(cluster, "killed", f"dataset.source={source}", "compute.blocksize=32KB")
+        source = put_csv(moto, f"{root}/raw/hotel_bookings/train.csv", hotel())  # 42,100 rows
+        # about 60 partitions: the split writes about 180 parts, one S3 object each; 300
+        # trees keep LightGBM busy for seconds
+        args = on_dask(cluster, root, f"dataset.source={source}", "compute.blocksize=32KB",
+                       *(["model.params.n_estimators=300"] if step == "train" else []))
         env = run_env(server, aws_env)
-        proc = start_trainpipe(*args, cwd=tmp_path, env=env)
-        try:
-            split = "killed/landing/hotel_bookings/split/"
-            deadline = time.monotonic() + 240
-            while not (keys := s3_keys(moto, LAKE_BUCKET, split)):
-                assert proc.poll() is None, proc.communicate() + (cluster.tail(),)
-                assert time.monotonic() < deadline, "the split step wrote no part"
-                time.sleep(0.02)
-            cluster.kill("worker-0")  # SIGKILL: the nanny and its worker
-            print(f"worker-0 killed with {len(keys)} split parts written")
-            assert not [k for k in keys if k.endswith("manifest.json")], keys  # mid-step
-            out, err = proc.communicate(timeout=420)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        result = subprocess.CompletedProcess(args, proc.returncode, out, err)
-        print(f"the run ended with exit {proc.returncode}:\n{out}\n{err}")
-        assert "Traceback" not in err, shown(result, cluster)
-        runs = runs_of(database, "killed")
+        result = run_and_kill(args, tmp_path, env, cluster, moto, root, step)
+        print(f"the run ended with exit {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        runs = runs_of(database, root)
         assert runs and "RUNNING" not in {r["status"] for r in runs}, shown(result, cluster)
-        manifests = check_manifests(moto, "killed")  # what was published is whole
+        manifests = check_manifests(moto, root)  # what was published is whole
         assert [m for m in manifests if "/validate/" in m]  # published before the kill
-        if proc.returncode == 0:  # Dask recomputed the lost tasks on worker-1
+        if result.returncode == 0:  # Dask did the lost work again on worker-1
             assert {r["status"] for r in runs} == {"FINISHED"}, runs
-        else:  # failed cleanly: the failed steps published nothing
+        else:  # failed cleanly: the step failed and published nothing
             assert parent_of(runs)["status"] == "FAILED", runs
-            failed = [r for r in runs
-                      if r["status"] == "FAILED" and r["tags"].get("trainpipe.step")]
-            assert failed, runs
-            for run in failed:
-                assert not [m for m in manifests if run["tags"]["trainpipe.fingerprint"] in m]
+            (failed,) = [r for r in runs
+                         if r["status"] == "FAILED" and r["tags"].get("trainpipe.step")]
+            assert failed["tags"]["trainpipe.step"] == step, runs
+            assert not [m for m in manifests if failed["tags"]["trainpipe.fingerprint"] in m]
 
         cluster.start_worker("worker-2")
         cluster.wait_for_workers(2)
         again = trainpipe(*args, cwd=tmp_path, env=env)
         assert again.returncode == 0, shown(again, cluster)
-        if proc.returncode == 0:
+        if result.returncode == 0:
             assert "up to date" in again.stdout, shown(again, cluster)
         else:  # resumed: what was published is reused, the rest is done
             table = summary(again.stdout)
-            assert table["validate"] == "cached" and table["split"] == "done", again.stdout
-        manifests = check_manifests(moto, "killed")
-        assert "RUNNING" not in {r["status"] for r in runs_of(database, "killed")}
+            before = STEPS[1:STEPS.index(step)]
+            assert {table[s] for s in before} == {"cached"}, again.stdout
+            assert table[step] == "done", again.stdout
+        manifests = check_manifests(moto, root)
+        assert "RUNNING" not in {r["status"] for r in runs_of(database, root)}
         # no row lost or written twice by the work done again
-        splits = tables_of(moto, "killed", "split", manifests)
+        splits = tables_of(moto, root, "split", manifests)
         ids = pd.concat([df["id"] for df in splits.values()])
         assert len(ids) == 42100 and ids.is_unique, {t: len(df) for t, df in splits.items()}
+        # last (what is above holds either way): the failure is told in words
+        assert "Traceback" not in result.stderr, shown(result, cluster)
     finally:
         cluster.stop()
+
+
+def run_and_kill(args, cwd, env, cluster: DaskCluster, moto, root: str, step: str
+                 ) -> subprocess.CompletedProcess:
+    """Run trainpipe; SIGKILL worker-0 in the middle of `step`: once the split's first part
+    is in the lake (no manifest yet), or once LightGBM trains on both workers."""
+    err_file = cwd / f"{root}.stderr"
+    with open(err_file, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "trainpipe", *args], cwd=cwd, env=env,
+                                stdout=subprocess.PIPE, stderr=err, text=True,
+                                stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if f"▶ {step}" in line:
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        if step == "split":
+            prefix = f"{root}/landing/hotel_bookings/split/"
+            while not (keys := s3_keys(moto, LAKE_BUCKET, prefix)):
+                assert proc.poll() is None, "".join(lines) + err_file.read_text()
+                assert time.monotonic() < deadline, "the split step wrote no part"
+                time.sleep(0.02)
+            assert not [k for k in keys if k.endswith("manifest.json")], keys  # mid-step
+            what = f"{len(keys)} split parts written"
+        else:
+            assert started.wait(240), "".join(lines) + err_file.read_text()
+            # LightGBM's network is up: both workers train (each logs its rank)
+            while not all("total number of machines: 2" in cluster.logs[w].read_text()
+                          for w in ("worker-0", "worker-1")):
+                assert proc.poll() is None, "".join(lines) + err_file.read_text()
+                assert time.monotonic() < deadline, cluster.tail()
+                time.sleep(0.02)
+            time.sleep(0.2)
+            assert f"✓ {step}" not in "".join(lines), "".join(lines)  # still training
+            what = "LightGBM training on both workers"
+        cluster.kill("worker-0")  # SIGKILL: the nanny and its worker
+        print(f"worker-0 killed with {what}")
+        proc.wait(timeout=420)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(30)
+    return subprocess.CompletedProcess(args, proc.returncode, "".join(lines),
+                                       err_file.read_text())
 
 
 def summary(stdout: str) -> dict[str, str]:
