@@ -199,7 +199,7 @@ def test_invalid_rows_anywhere_stop_it_with_one_report_and_no_output(trained, tm
     from trainpipe.steps import ingest, validate
 
     table = ingest.to_table(lake.read_source(str(bad)))
-    _, failures = validate._check(compose(), table, with_target=False)
+    _, failures, _, _ = validate._check(compose(), table, with_target=False)
     lines = result.output.split("data validation failed:\n")[1].split("full report")[0]
     whole = validate.to_terminal(failures).split("\n", 1)[1]
     assert sorted(lines.splitlines()) == sorted(whole.splitlines())

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -103,6 +104,134 @@ def start_moto(log: Path, extra_env: dict | None = None) -> Moto:
     return Moto(endpoint, proc, log)
 
 
+
+
+# ---------------------------------------------------------------------------------- Dask
+
+
+class DaskCluster:
+    """A real Dask cluster on 127.0.0.1: a `dask scheduler` process and `dask worker`
+    processes (each with its nanny), every one in a process group of its own, logging to a
+    file in `folder`. Workers get `env` (the lake's AWS_* variables) as a user exports it."""
+
+    def __init__(self, folder: Path, env: dict[str, str]):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.env = env
+        self.procs: dict[str, subprocess.Popen] = {}  # name -> process (group leader)
+        self.logs: dict[str, Path] = {}
+        self.address = ""
+
+    def _start(self, name: str, *args: str) -> subprocess.Popen:
+        log = self.folder / f"{name}.log"
+        out = open(log, "ab")  # noqa: SIM115 - open while the process runs
+        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=self.folder, env=self.env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        out.close()  # the child holds its own copy
+        self.procs[name], self.logs[name] = proc, log
+        return proc
+
+    def start_scheduler(self, timeout: float = 60) -> str:
+        info = self.folder / "scheduler.json"
+        proc = self._start("scheduler", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                           "--port", "0", "--scheduler-file", str(info), "--no-dashboard")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                self.address = json.loads(info.read_text())["address"]
+                return self.address
+            time.sleep(0.1)
+        raise RuntimeError(f"the Dask scheduler did not start\n{self.tail()}")
+
+    def start_worker(self, name: str) -> subprocess.Popen:
+        return self._start(name, "distributed.cli.dask_worker", self.address,
+                           "--name", name, "--host", "127.0.0.1", "--nthreads", "1",
+                           "--memory-limit", "2GB", "--no-dashboard", "--death-timeout", "60",
+                           "--local-directory", str(self.folder / name))
+
+    def wait_for_workers(self, n: int, timeout: float = 90) -> list[str]:
+        """Block until `n` workers are connected; their names."""
+        from distributed import Client
+
+        with Client(self.address, timeout="30s") as client:
+            try:
+                client.wait_for_workers(n, timeout=timeout)
+            except TimeoutError:
+                raise RuntimeError(f"{n} Dask workers did not connect within {timeout} s\n"
+                                   f"{self.tail()}") from None
+            return sorted(w["name"] for w in client.scheduler_info(n_workers=-1)["workers"]
+                          .values())
+
+    def group(self, name: str) -> list[int]:
+        """The live processes (zombies aside) of `name`'s process group."""
+        pgid, pids = self.procs[name].pid, []
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                # /proc/PID/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    pids.append(int(entry.name))
+        return pids
+
+    def alive(self, name: str, timeout: float = 0) -> bool:
+        """Is any process of `name`'s group still there (after up to `timeout` s)?"""
+        deadline = time.monotonic() + timeout
+        while self.group(name):
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a process's whole group (a worker: its nanny and the worker it runs)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.procs[name].pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.procs[name].wait(30)
+        self.alive(name, timeout=10)
+
+    def stop(self) -> None:
+        """Workers first, then the scheduler: SIGTERM, then SIGKILL for what is left of
+        every process group."""
+        names = [n for n in self.procs if n != "scheduler"] + ["scheduler"] * (
+            "scheduler" in self.procs)
+        for name in names:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.procs[name].pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for name in names:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.procs[name].wait(max(0.1, deadline - time.monotonic()))
+        for name in names:  # the group outlives its leader when a child is left
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.procs[name].pid, signal.SIGKILL)
+            self.procs[name].wait()
+            self.alive(name, timeout=10)  # until the orphans are gone
+
+    def tail(self, chars: int = 3000) -> str:
+        """The end of every process's log: what a failed test shows."""
+        parts = []
+        for name, log in self.logs.items():
+            text = log.read_text(errors="replace") if log.exists() else ""
+            parts.append(f"--- {name} ({log}):\n{text[-chars:]}")
+        return "\n".join(parts)
+
+
+def start_dask_cluster(folder: Path, env: dict[str, str], workers: int = 2) -> DaskCluster:
+    """A scheduler and `workers` workers, all connected; stopped (and a failure shown with
+    the logs) when any part does not start."""
+    cluster = DaskCluster(folder, env)
+    try:
+        cluster.start_scheduler()
+        for i in range(workers):
+            cluster.start_worker(f"worker-{i}")
+        cluster.wait_for_workers(workers)
+    except Exception as exc:
+        logs = cluster.tail()
+        cluster.stop()
+        pytest.fail(f"the Dask cluster did not start ({exc}):\n{logs}", pytrace=False)
+    return cluster
 
 
 # ---------------------------------------------------------------------------- PostgreSQL

@@ -1,0 +1,89 @@
+"""`trainpipe run compute=dask` without an address: a LocalCluster of 2 worker processes on
+this machine, small data in a local lake."""
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from tests.conftest import runs, trainpipe
+
+pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+
+# 2 workers; the 3,000 demo rows (about 200 KB of CSV) in several partitions
+DASK = ("compute=dask", "compute.workers=2", "compute.blocksize=64KB")
+LIGHTGBM = ("model=lightgbm", "model.params.n_estimators=20")
+
+
+def manifests(workdir, zone: str) -> dict[str, list[tuple]]:
+    """Every manifest under a zone of the local lake: step -> [(folder, manifest)]."""
+    found: dict[str, list[tuple]] = {}
+    for path in sorted((workdir / "lake" / zone).glob("*/*/*/manifest.json")):
+        found.setdefault(path.parts[-3], []).append((path.parent, json.loads(path.read_text())))
+    return found
+
+
+def test_full_run_on_a_local_cluster(demo_lake):
+    result = trainpipe("run", *DASK, *LIGHTGBM, cwd=demo_lake)
+    assert result.returncode == 0, result.stdout + result.stderr
+    landing = manifests(demo_lake, "landing")
+    assert set(landing) == {"validate", "split"}
+    for step, [(folder, manifest)] in landing.items():
+        parts = sorted(n for n in manifest["files"] if n.startswith("train.part"))
+        assert len(parts) >= 2, (step, manifest["files"])  # partitioned, in parts
+        assert parts == [f"train.part{i:05d}.parquet" for i in range(len(parts))]
+        for name in parts:
+            entry = manifest["files"][name]
+            data = (folder / entry["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"], name
+    # the parent run names the cluster
+    parent = runs(demo_lake).query("`tags.trainpipe.kind` == 'pipeline'")
+    assert len(parent) == 1 and parent["status"].tolist() == ["FINISHED"]
+    assert parent["tags.trainpipe.compute.engine"].tolist() == ["dask"]
+    assert parent["tags.trainpipe.compute.workers"].tolist() == ["2"]
+    assert parent["tags.trainpipe.compute.threads"].tolist() == ["2"]
+
+    again = trainpipe("run", *DASK, *LIGHTGBM, cwd=demo_lake)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "up to date" in again.stdout
+
+
+def test_a_scikit_learn_model_over_collect_limit_stops_before_any_step(demo_lake):
+    result = trainpipe("run", *DASK, "model=random_forest", "compute.collect_limit=1KB",
+                       cwd=demo_lake)
+    text = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2, text
+    assert "compute.collect_limit=1KB" in text and "model=lightgbm" in text, text
+    assert "Traceback" not in text
+    assert "✓" not in result.stdout  # no step ran
+    assert not (demo_lake / "lake" / "landing").exists()  # nothing published
+
+
+def test_a_changed_byte_in_the_source_is_seen(demo_lake):
+    """The source's fingerprint trusts a file's size and modification time; a changed byte
+    (same size, the file written again) is seen, and validate runs again."""
+    source = demo_lake / "lake" / "raw" / "hotel_bookings" / "train.csv"
+    first = trainpipe("run", *DASK, *LIGHTGBM, cwd=demo_lake)
+    assert first.returncode == 0, first.stdout + first.stderr
+    data = source.read_bytes()
+    lines = data.split(b"\n")
+    header = lines[0].split(b",")
+    row = lines[1500].split(b",")
+    column = header.index(b"required_car_parking_space")  # 0 or 1
+    row[column] = b"1" if row[column] == b"0" else b"0"  # a valid value, one byte
+    lines[1500] = b",".join(row)
+    changed = b"\n".join(lines)
+    assert len(changed) == len(data) and changed != data
+    source.write_bytes(changed)
+    assert source.stat().st_size == len(data)
+
+    again = trainpipe("run", *DASK, *LIGHTGBM, cwd=demo_lake)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "up to date" not in again.stdout
+    assert "✓ validate" in again.stdout  # validated again: not reused
+    assert len(manifests(demo_lake, "landing")["validate"]) == 2  # a second output
+    # unchanged, the next run is up to date again: nothing is read in full each time
+    third = trainpipe("run", *DASK, *LIGHTGBM, cwd=demo_lake)
+    assert third.returncode == 0 and "up to date" in third.stdout, third.stdout + third.stderr
+    assert os.path.getsize(source) == len(data)
