@@ -15,7 +15,21 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 WORK = BENCH / "work"
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/hotel_bookings/train.csv"
+SHARED_DATA = "shared/datasets/hotel_bookings/train.csv"
+
+
+def _default_data() -> Path:
+    """The shared file beside the repo (../shared/...), or beside the main checkout when this
+    is a git worktree elsewhere (the common .git folder's parent)."""
+    beside = BENCH.parents[1] / SHARED_DATA
+    if beside.exists():
+        return beside
+    common = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
+                            capture_output=True, text=True, cwd=BENCH).stdout.strip()
+    return Path(common).parent.parent / SHARED_DATA if common else beside
+
+
+DEFAULT_DATA = _default_data()
 
 
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:

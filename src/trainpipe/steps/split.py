@@ -64,8 +64,17 @@ def run(cfg: DictConfig, validated: pd.DataFrame) -> tuple[dict, Report]:
 
 
 def _row_hashes(df: pd.DataFrame, seed: int):
-    key = f"{seed:016d}"[-16:]  # the seed is the hash's key: another seed, another split
-    return pd.util.hash_pandas_object(df, index=False, hash_key=key).to_numpy()
+    """Each row's hash mixed with the seed (splitmix64's finalizer; pandas' hash key only
+    reaches text columns): another seed, another split."""
+    import numpy as np
+
+    x = pd.util.hash_pandas_object(df, index=False).to_numpy()
+    x = x + np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _groups(df: pd.DataFrame, target: str, classify: bool) -> pd.Series:
