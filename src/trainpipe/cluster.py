@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from trainpipe import lake
@@ -89,18 +88,9 @@ def read_table(root: str, prefix: str, manifest: dict, table: str):
 
     names = lake.parts_of(table, manifest)
     entries = [manifest["files"][n] for n in names]
-    meta = _meta(root, prefix, names[0], entries[0])
+    meta = lake.read_part(root, prefix, names[0], entries[0]).iloc[:0]
     return dd.from_map(lake.read_part, [root] * len(names), [prefix] * len(names), names,
                        entries, meta=meta, enforce_metadata=False)
-
-
-def _meta(root: str, prefix: str, name: str, entry: dict) -> pd.DataFrame:
-    """The columns and types of a part (its Parquet schema, no rows)."""
-    import pyarrow.parquet as pq
-
-    the_lake = lake.Lake(root)
-    with the_lake.fs.open(the_lake._path(prefix, entry["path"]), "rb") as f:
-        return pq.read_schema(f).empty_table().to_pandas()
 
 
 def write_tables(root: str, prefix: str, tables: dict[str, Any]) -> tuple[str, dict]:

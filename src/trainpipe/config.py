@@ -185,7 +185,8 @@ def check(cfg: DictConfig) -> None:
         _check_known(section + ".", set(cfg.get(section) or {}), known)
     for key, (kind, rule, meaning) in SCHEMA.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if value is None and (key in NULLABLE or key.startswith("compute.")):
+        if value is None and (key in NULLABLE or key.startswith("compute.")
+                              and key != "compute.engine"):
             continue  # compute=local has no cluster keys
         typed = _typed(value, kind)
         if typed is None or not rule(typed):

@@ -627,9 +627,10 @@ class PartedSource:
 
     What it trusts: a file whose size and stamp (S3's ETag, a local file's modification
     time in nanoseconds) match the lake's record (`<root>/.trainpipe/source-digests/`) keeps
-    the sha256 recorded for it; any other file is read (here, block by block) and hashed
-    again. A changed byte changes the stamp, so it is seen without reading the unchanged
-    gigabytes; a file rewritten with the same size and a forged modification time is not.
+    the sha256 recorded for it; any other file is hashed again here, as `local_file` reads
+    it (block by block; a file on S3 is downloaded to a temporary file first). A changed
+    byte changes the stamp, so it is seen without reading the unchanged gigabytes; a file
+    rewritten with the same size and a forged modification time is not.
     """
 
     url: str
@@ -674,7 +675,7 @@ def list_source(url: str, root: str) -> PartedSource:
         old = known.get(file_url, {})
         files.append(entry | {"sha256": old["sha256"]} if (
             old.get("bytes"), old.get("stamp")) == (entry["bytes"], stamp) else entry)
-    _hash_missing(fs, files, paths)
+    _hash_missing(files)
     if any(known.get(f["url"]) != f for f in files):
         _save_source_digests(root, url, files)
     identity = json.dumps([(posixpath.relpath(f["url"], urls[0].rsplit("/", 1)[0]),
@@ -689,20 +690,17 @@ def _mtime_ns(path: str, info: dict) -> int:
         return int(float(info.get("mtime") or info.get("LastModified", 0) or 0) * 1e9)
 
 
-def _hash_missing(fs, files: list[dict], paths: list[str]) -> None:
-    """sha256 of the files without a trusted one, several at a time, block by block."""
+def _hash_missing(files: list[dict]) -> None:
+    """sha256 of the files without a trusted one, several at a time (local_file's)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def sha(path: str) -> str:
-        h = hashlib.sha256()
-        with fs.open(path, "rb", block_size=BLOCK) as f:
-            while block := f.read(BLOCK):
-                h.update(block)
-        return h.hexdigest()
+    def sha(url: str) -> str:
+        with local_file(url) as file:
+            return file.digest
 
-    todo = [(f, p) for f, p in zip(files, paths, strict=True) if "sha256" not in f]
+    todo = [f for f in files if "sha256" not in f]
     with ThreadPoolExecutor(4) as pool:
-        for (file, _), value in zip(todo, pool.map(sha, [p for _, p in todo]), strict=True):
+        for file, value in zip(todo, pool.map(sha, [f["url"] for f in todo]), strict=True):
             file["sha256"] = value
 
 
@@ -712,7 +710,8 @@ def _digests_key(url: str) -> str:
 
 def _source_digests(root: str, url: str) -> dict[str, dict]:
     try:
-        data = Lake(root).fs.cat_file(Lake(root)._path(_digests_key(url)))
+        the_lake = Lake(root)
+        data = the_lake.fs.cat_file(the_lake._path(_digests_key(url)))
         return {f["url"]: f for f in json.loads(data)["files"]}
     except Exception:  # noqa: BLE001 - no record (or an unreadable one): hash every file
         return {}

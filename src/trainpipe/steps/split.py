@@ -144,7 +144,7 @@ def feasibility(cfg: DictConfig, counts: pd.Series, rows: int | None = None
 
 
 def _rows_for_split(val: float, test: float) -> int:
-    """The fewest rows that scikit-learn's train_test_split, as run() calls it, cuts into
+    """The fewest rows that run() (with scikit-learn train_test_split's rounding) cuts into
     at least 2 rows of train, val and test."""
     def sizes(n: int) -> tuple[int, int, int]:
         n_test = math.ceil(test * n)

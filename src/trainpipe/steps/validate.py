@@ -59,7 +59,7 @@ def _check(cfg: DictConfig, table: RawTable, with_target: bool):
     too_few = _min_rows(cfg, source, len(df))
     if too_few:
         return None, too_few, None, len(df)
-    typed, failures, _ = _check_rows(cfg, df, source, with_target, whole_table=True)
+    typed, failures = _check_rows(cfg, df, source, with_target, whole_table=True)
     if with_target:
         failures += _target_checks(cfg, typed, source)
     typed = typed if not failures else None
@@ -77,8 +77,7 @@ def _min_rows(cfg: DictConfig, source: str, rows: int) -> list[dict]:
 def _check_rows(cfg: DictConfig, df: pd.DataFrame, source: str, with_target: bool,
                 whole_table: bool):
     """The checks of each row: types, values, missing cells (and, for a whole table, the
-    all-null columns and repeated values); the typed frame, the failures and the missing
-    cells by column."""
+    all-null columns and repeated values); the typed frame and the failures."""
     import pandera.errors as pe
 
     dataset = cfg.dataset
@@ -95,7 +94,7 @@ def _check_rows(cfg: DictConfig, df: pd.DataFrame, source: str, with_target: boo
             source, dataset.target, "target_absent_in_scoring", len(df), [],
             "scoring data must not contain the target column")]
     failures += _nulls_and_duplicates(cfg, typed, missing, source, with_target, whole_table)
-    return typed, failures, missing
+    return typed, failures
 
 
 def _parse(dataset: DictConfig, df: pd.DataFrame, source: str, with_target: bool):
@@ -225,7 +224,7 @@ def _target_checks(cfg: DictConfig, typed: pd.DataFrame, source: str) -> list[di
 
 
 def _target_checks_of_counts(cfg: DictConfig, counts: pd.Series, source: str, rows: int,
-                             with_target: int | None = None) -> list[dict]:
+                             with_target: int) -> list[dict]:
     """`_target_checks` from the target's value counts (for regression, any two of its
     values are enough) and the number of rows with a target."""
     dataset = cfg.dataset
@@ -240,7 +239,6 @@ def _target_checks_of_counts(cfg: DictConfig, counts: pd.Series, source: str, ro
         only = _plain(counts.index[0])
         return [_failure(source, target, "at_least_two_classes", rows, [],
                          f"the target has a single class ({only!r})")]
-    with_target = int(counts.sum()) if with_target is None else with_target
     problem = split.feasibility(cfg, counts, with_target)
     if problem is None:
         return []
@@ -444,7 +442,7 @@ class ChunkedValidation:
     def check_part(self, part: pd.DataFrame, stats: bool = False) -> tuple[pd.DataFrame | None,
                                                                             dict]:
         """The validated part (None when it fails) and what `add` needs of it."""
-        typed, failures, _ = _check_rows(self.cfg, part, self.source, self.with_target,
+        typed, failures = _check_rows(self.cfg, part, self.source, self.with_target,
                                          whole_table=False)
         target = self.dataset.target
         summary = {
