@@ -47,6 +47,15 @@ def test_full_run_on_a_local_cluster(demo_lake):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "up to date" in again.stdout
 
+    # the same data, config and number of workers train the same model (lightgbm.dask alone
+    # ranks workers in a set's order, and the model depends on which rank holds which rows)
+    forced = trainpipe("run", *DASK, *LIGHTGBM, "--force", "--from", "train", cwd=demo_lake)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    parents = runs(demo_lake).query("`tags.trainpipe.kind` == 'pipeline'")
+    scores = parents[[c for c in parents if c.startswith("metrics.test_")]]
+    assert len(scores) == 2 and scores.shape[1] >= 5, scores.T
+    assert scores.iloc[0].tolist() == scores.iloc[1].tolist(), scores.T
+
 
 def test_a_scikit_learn_model_over_collect_limit_stops_before_any_step(demo_lake):
     result = trainpipe("run", *DASK, "model=random_forest", "compute.collect_limit=1KB",
@@ -85,3 +94,23 @@ def test_a_changed_byte_in_the_source_is_seen(demo_lake):
     # unchanged, the next run is up to date again: nothing is read in full each time
     third = trainpipe("run", *DASK, *LIGHTGBM, cwd=demo_lake)
     assert third.returncode == 0 and "up to date" in third.stdout, third.stdout + third.stderr
+
+
+def test_a_task_whose_workers_keep_dying_fails_in_words():
+    """A task that kills every worker it runs on (as running out of memory does): Dask gives
+    up after its retries and the run's error says what happened and what to change."""
+    import os
+
+    from distributed import get_client
+    from omegaconf import OmegaConf
+
+    from trainpipe import cluster
+    from trainpipe.errors import ClusterError
+
+    cfg = OmegaConf.create({"compute": {"engine": "dask", "address": None, "workers": 1,
+                                        "threads_per_worker": 1, "memory_limit": "1GB"}})
+    with pytest.raises(ClusterError) as caught, cluster.connected(cfg, lambda _: None):
+        get_client().submit(os._exit, 1).result()
+    message = str(caught.value)
+    assert "died more times than Dask retries a task" in message, message
+    assert "compute.memory_limit" in message and "re-run resumes" in message, message

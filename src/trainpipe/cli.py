@@ -615,7 +615,7 @@ def _run_one(cfg, overrides, span, force, verbose, tracker, on_result=None) -> i
                       highlight=False, soft_wrap=True)
 
     result = pipeline.run(cfg, overrides, *span, force=force, on_step=on_step,
-                          on_notice=lambda m: out.print(f"  [yellow]![/] {m}"), tracker=tracker)
+                          on_notice=_notice, tracker=tracker)
     if on_result is not None:  # e.g. tune: tag the final run with its study
         on_result(result)
     _summary(cfg, result)
@@ -666,6 +666,11 @@ def _summary(cfg, result) -> None:
         out.print(f"  gate        {result.tags['trainpipe.gate.decision']}", highlight=False,
                   soft_wrap=True)
     _browse_hint(cfg, "  browse      ")
+
+
+def _notice(message: str) -> None:
+    # soft_wrap: a link or a path in a notice stays on one line, to copy
+    out.print(f"  [yellow]![/] {message}", soft_wrap=True)
 
 
 def _browse_hint(cfg, label: str = "  browse  ") -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from trainpipe import lake
-from trainpipe.errors import ConfigError
+from trainpipe.errors import ClusterError, ConfigError
 from trainpipe.redaction import redact_uri
 
 
@@ -39,7 +39,8 @@ def plain(cfg: DictConfig) -> DictConfig:
 def connected(cfg: DictConfig, notice: Callable[[str], None]) -> Iterator[dict[str, str]]:
     """A Dask client for the run (the default one while the block runs); yields the tags the
     parent run records: engine, workers, threads, memory, dashboard."""
-    from distributed import Client, LocalCluster
+    from distributed import Client, KilledWorker, LocalCluster
+    from distributed.comm import CommClosedError
 
     compute = cfg.compute
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -58,7 +59,8 @@ def connected(cfg: DictConfig, notice: Callable[[str], None]) -> Iterator[dict[s
         raise ConfigError(f"compute.address: cannot connect to the Dask scheduler at {where} "
                           f"({exc})") from None
     try:
-        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        info = client.scheduler_info(n_workers=-1)
+        workers = info["workers"].values()
         threads = sum(w["nthreads"] for w in workers)
         memory = sum(w.get("memory_limit") or 0 for w in workers)
         tags = {"trainpipe.compute.engine": "dask",
@@ -70,11 +72,24 @@ def connected(cfg: DictConfig, notice: Callable[[str], None]) -> Iterator[dict[s
         if not workers:
             raise ConfigError(f"compute.address: the Dask scheduler at {compute.address} has no "
                               "workers; start some: dask worker " + str(compute.address))
-        dashboard = client.dashboard_link
+        # a scheduler started with --no-dashboard has none (the link would answer 404)
+        dashboard = client.dashboard_link if "dashboard" in info.get("services", {}) else None
         notice(f"Dask: {len(workers)} workers, {threads} threads, "
                f"{tags['trainpipe.compute.memory']}"
                + (f"; dashboard {dashboard}" if dashboard else ""))
-        yield tags
+        try:
+            yield tags
+        except KilledWorker as exc:
+            raise ClusterError(
+                f"Dask: the workers computing {exc.args[0]} died more times than Dask retries "
+                "a task; the likeliest cause is memory: raise "
+                "compute.memory_limit (dask worker --memory-limit) or compute more, smaller "
+                "partitions (compute.blocksize). Nothing of the step was published; a re-run "
+                "resumes from the steps before it") from None
+        except CommClosedError as exc:
+            raise ClusterError(f"Dask: lost the connection to the scheduler ({exc}). Nothing "
+                               "of the step was published; a re-run resumes from the steps "
+                               "before it") from None
     finally:
         client.close()
         if cluster is not None:
@@ -117,6 +132,47 @@ def collect(frame, limit: str | int, what: str):
         raise ConfigError(f"{what}: {size / 2**20:,.0f} MiB in memory, over "
                           f"compute.collect_limit={limit}")
     return frame.compute()
+
+
+def spread(*frames) -> tuple[list, Any]:
+    """Dask DataFrames of the same partitioning, computed and held on the workers in
+    contiguous blocks (of n workers in address order, worker k holds the k-th n-th of the
+    partitions), and a client that lists where parts are in partition order.
+
+    lightgbm.dask trains each worker on the parts it holds, ranks the workers in the order
+    Client.who_has lists the parts (a set's order), and LightGBM's distributed model depends
+    on which rank holds which rows. With these the same data, config and number of workers
+    train the same model every time."""
+    import dask.dataframe as dd
+    from distributed import get_client
+
+    client = get_client()
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    columns = [frame.to_delayed() for frame in frames]
+    count = len(columns[0])
+    # loose restrictions: if a worker dies, its parts are computed again elsewhere
+    held = [client.compute(list(parts), workers=[workers[i * len(workers) // count]],
+                           allow_other_workers=True)
+            for i, parts in enumerate(zip(*columns, strict=True))]
+    return ([dd.from_delayed([futures[j] for futures in held], meta=frame._meta,
+                             verify_meta=False) for j, frame in enumerate(frames)],
+            _PartsInOrder(client))
+
+
+class _PartsInOrder:
+    """A client whose who_has lists futures in the order asked (Client.who_has: a set's)."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def who_has(self, futures=None, **kwargs) -> dict:
+        from distributed import futures_of
+
+        found = self._client.who_has(futures, **kwargs)
+        return {f.key: found[f.key] for f in futures_of(futures) if f.key in found}
 
 
 def per_partition(fn: Callable, frame, *shared) -> list:

@@ -29,6 +29,10 @@ class DataValidationError(TrainpipeError):
         self.report = report  # a steps.Report to record on the failed step's run
 
 
+class ClusterError(TrainpipeError):
+    """compute=dask: the cluster failed the work (a worker died, the scheduler went away)."""
+
+
 class GateFailed(TrainpipeError):
     """The registry gate kept the champion and `registry.require_promotion` is true."""
 

@@ -135,7 +135,8 @@ class DaskCluster:
     def start_scheduler(self, timeout: float = 60) -> str:
         info = self.folder / "scheduler.json"
         proc = self._start("scheduler", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                           "--port", "0", "--scheduler-file", str(info), "--no-dashboard")
+                           "--port", "0", "--scheduler-file", str(info),
+                           "--dashboard-address", "127.0.0.1:0")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
             with contextlib.suppress(OSError, ValueError, KeyError):

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainpipe import cluster
 from trainpipe.catalog import MlflowModel
-from trainpipe.errors import ConfigError
+from trainpipe.errors import ClusterError, ConfigError
 from trainpipe.steps import Report
 
 ZONE = "models"
@@ -126,14 +126,30 @@ def _fit_on_dask(cfg: DictConfig, train):
     """lightgbm.dask's estimator fitted on the workers' partitions; the model kept is its
     local equivalent (LGBMClassifier / LGBMRegressor), which predicts on pandas."""
     import lightgbm.dask as lgb_dask
+    from lightgbm.basic import LightGBMError
 
     target = cfg.dataset.target
     params = OmegaConf.to_container(cfg.model.get("params") or {}, resolve=True)
+    # minutes a worker waits for one that stopped answering (LightGBM's default: 120)
+    params = {"time_out": 10, **params}
+    (features, labels), client = cluster.spread(train.drop(columns=[target]), train[target])
     name = str(cfg.model._target_).rsplit(".", 1)[1]  # LGBMClassifier -> DaskLGBMClassifier
-    estimator = getattr(lgb_dask, f"Dask{name}")(**params)
-    with contextlib.redirect_stderr(io.StringIO()):  # "Found ... in params" warnings
-        estimator.fit(train.drop(columns=[target]), train[target])
+    estimator = getattr(lgb_dask, f"Dask{name}")(client=client, **params)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # "Found ... in params" warnings
+            estimator.fit(features, labels)
+    except LightGBMError as exc:
+        raise ClusterError(
+            f"LightGBM's training on the Dask workers stopped: {exc}"
+            + (". A worker it trained on stopped answering: it was killed, or restarted by "
+               "its nanny for going over its memory limit (compute.memory_limit, or dask "
+               "worker --memory-limit). Nothing of this step was published; a re-run "
+               "resumes from the steps before it" if _network_failure(exc) else "")) from None
     return estimator.to_local()
+
+
+def _network_failure(exc: Exception) -> bool:
+    return bool(re.search(r"socket|connect|network|timed? ?out", str(exc), re.IGNORECASE))
 
 
 def check_collectable(cfg: DictConfig, sources: dict) -> None:
