@@ -134,29 +134,46 @@ def collect(frame, limit: str | int, what: str):
     return frame.compute()
 
 
-def spread(*frames) -> tuple[list, Any]:
-    """Dask DataFrames of the same partitioning, computed and held on the workers in
-    contiguous blocks (of n workers in address order, worker k holds the k-th n-th of the
-    partitions), and a client that lists where parts are in partition order.
+def spread(frame, label: str) -> tuple[Any, Any, Any]:
+    """A Dask DataFrame as two Dask arrays, its features (every column but `label`, as
+    float64) and its labels, held on the workers in contiguous blocks (of n workers in
+    address order, worker k holds the k-th n-th of the partitions); and a client that lists
+    where parts are in partition order.
 
     lightgbm.dask trains each worker on the parts it holds, ranks the workers in the order
     Client.who_has lists the parts (a set's order), and LightGBM's distributed model depends
-    on which rank holds which rows. With these the same data, config and number of workers
-    train the same model every time."""
-    import dask.dataframe as dd
+    on which rank holds which rows: with these the same data, config and number of workers
+    train the same model every time. Arrays, not DataFrames: LightGBM concatenates a
+    worker's parts, and from DataFrames it makes one more copy of them all."""
+    import operator
+
+    import dask
+    import dask.array as da
     from distributed import get_client
 
     client = get_client()
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    columns = [frame.to_delayed() for frame in frames]
-    count = len(columns[0])
+    parts = frame.to_delayed()
     # loose restrictions: if a worker dies, its parts are computed again elsewhere
-    held = [client.compute(list(parts), workers=[workers[i * len(workers) // count]],
-                           allow_other_workers=True)
-            for i, parts in enumerate(zip(*columns, strict=True))]
-    return ([dd.from_delayed([futures[j] for futures in held], meta=frame._meta,
-                             verify_meta=False) for j, frame in enumerate(frames)],
+    held = [client.compute(dask.delayed(_as_arrays)(part, label),
+                           workers=[workers[i * len(workers) // len(parts)]],
+                           allow_other_workers=True) for i, part in enumerate(parts)]
+    shapes = client.gather([client.submit(_shapes, pair) for pair in held])
+    features, labels = ([client.submit(operator.itemgetter(i), pair) for pair in held]
+                        for i in (0, 1))
+    return (da.concatenate([da.from_delayed(f, shape=x, dtype="float64")
+                            for f, (x, _) in zip(features, shapes, strict=True)]),
+            da.concatenate([da.from_delayed(f, shape=y, dtype=frame[label].dtype)
+                            for f, (_, y) in zip(labels, shapes, strict=True)]),
             _PartsInOrder(client))
+
+
+def _as_arrays(part, label: str) -> tuple:
+    return part.drop(columns=[label]).to_numpy(dtype="float64"), part[label].to_numpy()
+
+
+def _shapes(pair: tuple) -> tuple:
+    return tuple(a.shape for a in pair)
 
 
 class _PartsInOrder:

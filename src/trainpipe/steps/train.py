@@ -132,12 +132,13 @@ def _fit_on_dask(cfg: DictConfig, train):
     params = OmegaConf.to_container(cfg.model.get("params") or {}, resolve=True)
     # minutes a worker waits for one that stopped answering (LightGBM's default: 120)
     params = {"time_out": 10, **params}
-    (features, labels), client = cluster.spread(train.drop(columns=[target]), train[target])
+    features, labels, client = cluster.spread(train, target)
     name = str(cfg.model._target_).rsplit(".", 1)[1]  # LGBMClassifier -> DaskLGBMClassifier
     estimator = getattr(lgb_dask, f"Dask{name}")(client=client, **params)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # "Found ... in params" warnings
-            estimator.fit(features, labels)
+            estimator.fit(features, labels,
+                          feature_name=[str(c) for c in train.columns if c != target])
     except LightGBMError as exc:
         raise ClusterError(
             f"LightGBM's training on the Dask workers stopped: {exc}"
