@@ -101,6 +101,7 @@ def test_a_task_whose_workers_keep_dying_fails_in_words():
     up after its retries and the run's error says what happened and what to change."""
     import os
 
+    import dask
     from distributed import get_client
     from omegaconf import OmegaConf
 
@@ -110,7 +111,11 @@ def test_a_task_whose_workers_keep_dying_fails_in_words():
     cfg = OmegaConf.create({"compute": {"engine": "dask", "address": None, "workers": 1,
                                         "threads_per_worker": 1, "memory_limit": "1GB"}})
     with pytest.raises(ClusterError) as caught, cluster.connected(cfg, lambda _: None):
-        get_client().submit(os._exit, 1).result()
+        client = get_client()
+        # a LocalCluster's workers never spill (lightgbm.dask's sockets cannot be pickled)
+        spill = client.run(dask.config.get, "distributed.worker.memory.spill")
+        assert list(spill.values()) == [False], spill
+        client.submit(os._exit, 1).result()
     message = str(caught.value)
     assert "died more times than Dask retries a task" in message, message
     assert "compute.memory_limit" in message and "re-run resumes" in message, message

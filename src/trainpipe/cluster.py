@@ -21,6 +21,9 @@ from trainpipe import lake
 from trainpipe.errors import ClusterError, ConfigError
 from trainpipe.redaction import redact_uri
 
+NO_SPILLING = {"distributed.worker.memory.target": False,
+               "distributed.worker.memory.spill": False}
+
 
 def enabled(cfg: DictConfig) -> bool:
     return OmegaConf.select(cfg, "compute.engine", default="local") == "dask"
@@ -39,6 +42,7 @@ def plain(cfg: DictConfig) -> DictConfig:
 def connected(cfg: DictConfig, notice: Callable[[str], None]) -> Iterator[dict[str, str]]:
     """A Dask client for the run (the default one while the block runs); yields the tags the
     parent run records: engine, workers, threads, memory, dashboard."""
+    import dask
     from distributed import Client, KilledWorker, LocalCluster
     from distributed.comm import CommClosedError
 
@@ -49,10 +53,14 @@ def connected(cfg: DictConfig, notice: Callable[[str], None]) -> Iterator[dict[s
         if compute.address:
             client = Client(str(compute.address), timeout="30s")
         else:
-            cluster = LocalCluster(n_workers=int(compute.workers),
-                                   threads_per_worker=int(compute.threads_per_worker),
-                                   memory_limit=compute.memory_limit, processes=True,
-                                   dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
+            # No spilling: lightgbm.dask keeps unpicklable sockets among a worker's data
+            # (spilled, they fail the training) and the data steps hold nothing to spill.
+            with dask.config.set(NO_SPILLING):
+                cluster = LocalCluster(n_workers=int(compute.workers),
+                                       threads_per_worker=int(compute.threads_per_worker),
+                                       memory_limit=compute.memory_limit, processes=True,
+                                       dashboard_address="127.0.0.1:0",
+                                       silence_logs=logging.ERROR)
             client = Client(cluster)
     except OSError as exc:  # no scheduler there (distributed raises OSError after timeout)
         where = compute.address or "a LocalCluster"
