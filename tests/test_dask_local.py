@@ -3,6 +3,7 @@ this machine, small data in a local lake."""
 
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -119,3 +120,49 @@ def test_a_task_whose_workers_keep_dying_fails_in_words():
     message = str(caught.value)
     assert "died more times than Dask retries a task" in message, message
     assert "compute.memory_limit" in message and "re-run resumes" in message, message
+
+
+def test_parquet_parts_with_other_columns_stop_before_any_work(workdir):
+    """A folder of Parquet parts, one without a column: exit 3 naming that part and the
+    column (Dask alone would read every part with the first's columns and fail in a
+    worker), no run left RUNNING, nothing published."""
+    from trainpipe import demo
+
+    data = demo.hotel_bookings(rows=3000, seed=1)
+    parts = workdir / "parts"
+    parts.mkdir()
+    data.iloc[:1500].to_parquet(parts / "part-0.parquet", index=False)
+    data.iloc[1500:].drop(columns=["lead_time"]).to_parquet(parts / "part-1.parquet",
+                                                            index=False)
+    result = trainpipe("run", *DASK, *LIGHTGBM, f"dataset.source={parts}", cwd=workdir)
+    text = " ".join(result.stderr.split())
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert (f"{parts / 'part-1.parquet'}: its columns differ from those of "
+            f"{parts / 'part-0.parquet'}, the source's first part: missing lead_time") in text
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "lake" / "landing").exists()  # nothing published
+    assert "RUNNING" not in set(runs(workdir)["status"])
+
+
+def test_workers_without_this_trainpipe_are_named_before_any_work(monkeypatch):
+    """Every worker needs trainpipe, the version this process runs; a worker without it
+    would die at its first task and the run wait forever. Here this process claims another
+    version than its workers have."""
+    from importlib import metadata
+
+    from omegaconf import OmegaConf
+
+    from trainpipe import cluster
+    from trainpipe.errors import ConfigError
+
+    real, here = metadata.version, os.getpid()
+    # this process (not the workers, which run the same function) says 9.9
+    monkeypatch.setattr(metadata, "version",
+                        lambda name: "9.9" if os.getpid() == here else real(name))
+    cfg = OmegaConf.create({"compute": {"engine": "dask", "address": None, "workers": 1,
+                                        "threads_per_worker": 1, "memory_limit": "1GB"}})
+    with pytest.raises(ConfigError) as caught, cluster.connected(cfg, lambda _: None):
+        pass
+    message = str(caught.value)
+    assert "every Dask worker needs trainpipe 9.9 (this one's version)" in message, message
+    assert f"trainpipe {real('trainpipe')}" in message, message

@@ -62,6 +62,7 @@ def connected(cfg: DictConfig, notice: Callable[[str], None]) -> Iterator[dict[s
                                        dashboard_address="127.0.0.1:0",
                                        silence_logs=logging.ERROR)
             client = Client(cluster)
+            client.register_plugin(_quiet_workers())
     except OSError as exc:  # no scheduler there (distributed raises OSError after timeout)
         where = compute.address or "a LocalCluster"
         raise ConfigError(f"compute.address: cannot connect to the Dask scheduler at {where} "
@@ -80,9 +81,10 @@ def connected(cfg: DictConfig, notice: Callable[[str], None]) -> Iterator[dict[s
         if not workers:
             raise ConfigError(f"compute.address: the Dask scheduler at {compute.address} has no "
                               "workers; start some: dask worker " + str(compute.address))
+        _check_versions(client)
         # a scheduler started with --no-dashboard has none (the link would answer 404)
         dashboard = client.dashboard_link if "dashboard" in info.get("services", {}) else None
-        notice(f"Dask: {len(workers)} workers, {threads} threads, "
+        notice(f"Dask: {_count(len(workers), 'worker')}, {_count(threads, 'thread')}, "
                f"{tags['trainpipe.compute.memory']}"
                + (f"; dashboard {dashboard}" if dashboard else ""))
         try:
@@ -102,6 +104,48 @@ def connected(cfg: DictConfig, notice: Callable[[str], None]) -> Iterator[dict[s
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _quiet_workers():
+    """A plugin for a LocalCluster's workers, which share this terminal: what they print
+    (LightGBM's network lines, from native code) goes nowhere, and scikit-learn's note that a
+    model predicts with one job inside a worker is not shown. (Dask's logs: silence_logs.)"""
+    from distributed import WorkerPlugin
+
+    class QuietWorker(WorkerPlugin):
+        name = "trainpipe-quiet"
+
+        def setup(self, worker) -> None:
+            import os
+            import warnings
+
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.close(null)
+            warnings.filterwarnings("ignore", message="Inside a Dask worker with daemon=True")
+
+    return QuietWorker()
+
+
+def _check_versions(client) -> None:
+    """Workers run trainpipe's own code (reading and writing the lake, the steps' partition
+    work): they need trainpipe, the version this process runs. A worker without it dies at
+    its first task and the run would wait for workers forever."""
+    from importlib.metadata import version
+
+    here = version("trainpipe")
+    found = client.run(version, "trainpipe", on_error="return")
+    wrong = {w: ("not installed" if isinstance(v, Exception) else f"trainpipe {v}")
+             for w, v in sorted(found.items()) if v != here}
+    if wrong:
+        raise ConfigError(
+            f"compute.address: every Dask worker needs trainpipe {here} (this one's version) "
+            "installed, with the packages it depends on: "
+            + "; ".join(f"{w}: {v}" for w, v in wrong.items()))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def read_table(root: str, prefix: str, manifest: dict, table: str):
@@ -131,14 +175,14 @@ def write_tables(root: str, prefix: str, tables: dict[str, Any]) -> tuple[str, d
     return attempt, dict(zip(names, dask.compute(*writes), strict=True))
 
 
-def collect(frame, limit: str | int, what: str):
+def collect(frame, limit: str | int, what: str, advice: str):
     """A Dask DataFrame as one pandas DataFrame when it fits in `limit` bytes of memory."""
     from dask.utils import parse_bytes
 
     size = int(frame.memory_usage(deep=True, index=False).sum().compute())
     if size > parse_bytes(limit):
-        raise ConfigError(f"{what}: {size / 2**20:,.0f} MiB in memory, over "
-                          f"compute.collect_limit={limit}")
+        raise ConfigError(f"{what} {size / 2**20:,.0f} MiB in memory, over "
+                          f"compute.collect_limit={limit}. {advice}")
     return frame.compute()
 
 
@@ -202,9 +246,11 @@ class _PartsInOrder:
 
 def per_partition(fn: Callable, frame, *shared) -> list:
     """`fn(partition, *shared)` for every partition of a Dask DataFrame, on the workers; the
-    results in partition order. `shared` values (a model) go into the graph once."""
+    results in partition order. `shared` values (a model: tens of MB) go to every worker
+    once, not into the task graph."""
     import dask
+    from distributed import get_client
 
-    shared = [dask.delayed(value, pure=True) for value in shared]
+    shared = [get_client().scatter(value, broadcast=True) for value in shared]
     return list(dask.compute(*[dask.delayed(fn, pure=True)(part, *shared)
                                for part in frame.to_delayed()]))

@@ -352,7 +352,7 @@ def _reading(url: str) -> Iterator[None]:
         raise SourceError(f"{redact_uri(absolute(url))}: no such file") from None
     except IsADirectoryError:
         raise SourceError(f"{redact_uri(absolute(url))}: is a folder, not a CSV or Parquet "
-                          "file") from None
+                          "file (compute=dask reads a folder or glob of parts)") from None
     except Exception as exc:  # permissions, network, unknown protocol, ...
         raise SourceError(f"{redact_uri(url)}: cannot be read ({type(exc).__name__}: "
                           f"{redact_uri(str(exc))})") from None

@@ -57,9 +57,11 @@ STEPS = (
           *SPELLINGS, *DATASET, *ENGINE)),
     # The model lives in the tracking store: another store means another output.
     # model.search_space is what tuning may try, not what this model is: not read.
+    # lightgbm.dask's model depends on the partitions and the number of workers (a running
+    # scheduler's workers are not known before the run: see "Scaling out" in the README)
     Step("train", train, ("splits", "transformer", "features"),
          ("model.name", "model._target_", "model.preprocessing", "model.params",
-          "tracking.uri", *DATASET, *ENGINE)),
+          "tracking.uri", "compute.workers", "compute.blocksize", *DATASET, *ENGINE)),
     Step("evaluate", evaluate, ("model", "features"), ("evaluate", "dataset.positive_class",
                                                         *DATASET)),
     # The registry lives in the tracking store. registry.require_promotion is left out: it

@@ -70,11 +70,42 @@ def to_dask_table(cfg: DictConfig, source: PartedSource) -> RawTable:
     urls = [f["url"] for f in source.files]
     options = storage_options(source.url)
     if source.format == "parquet":
+        _same_columns(urls, options)
         df = dd.read_parquet(urls, split_row_groups=True, storage_options=options)
     else:
         df = dd.read_csv(urls, blocksize=cfg.compute.blocksize, encoding="utf-8-sig",
                          storage_options=options, **TEXT_CSV)
     return RawTable(df, redact_uri(absolute(source.url)), source.digest, source.format)
+
+
+def _same_columns(urls: list[str], options: dict) -> None:
+    """Every Parquet part has the first one's columns: Dask reads them all with the first
+    part's, and a part without one fails deep in a worker. (A CSV part's header is read
+    with its rows and checked by validate.)"""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    first = None
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        try:
+            with fs.open(path, "rb") as file:
+                columns = pq.read_schema(file).names
+        except Exception as exc:  # a truncated or corrupt file, a lost connection
+            raise SourceError(f"{redact_uri(absolute(url))}: not a readable Parquet file "
+                              f"({redact_uri(str(exc))})") from None
+        if first is None:
+            first = (url, columns)
+            continue
+        missing = [c for c in first[1] if c not in columns]
+        extra = [c for c in columns if c not in first[1]]
+        if missing or extra:
+            raise DataValidationError(
+                f"{redact_uri(absolute(url))}: its columns differ from those of "
+                f"{redact_uri(absolute(first[0]))}, the source's first part: "
+                + "; ".join(f"{what} {', '.join(cols)}" for what, cols in
+                            (("missing", missing), ("extra", extra)) if cols)
+                + ". Every part of a source must have the same columns")
 
 
 def to_table(source: Source) -> RawTable:
