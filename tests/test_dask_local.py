@@ -100,8 +100,6 @@ def test_a_changed_byte_in_the_source_is_seen(demo_lake):
 def test_a_task_whose_workers_keep_dying_fails_in_words():
     """A task that kills every worker it runs on (as running out of memory does): Dask gives
     up after its retries and the run's error says what happened and what to change."""
-    import os
-
     import dask
     from distributed import get_client
     from omegaconf import OmegaConf

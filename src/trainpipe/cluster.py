@@ -21,6 +21,8 @@ from trainpipe import lake
 from trainpipe.errors import ClusterError, ConfigError
 from trainpipe.redaction import redact_uri
 
+# what a step that failed on the cluster leaves behind (told with each such failure)
+RESUMES = "Nothing of the step was published; a re-run resumes from the steps before it"
 NO_SPILLING = {"distributed.worker.memory.target": False,
                "distributed.worker.memory.spill": False}
 
@@ -94,12 +96,10 @@ def connected(cfg: DictConfig, notice: Callable[[str], None]) -> Iterator[dict[s
                 f"Dask: the workers computing {exc.args[0]} died more times than Dask retries "
                 "a task; the likeliest cause is memory: raise "
                 "compute.memory_limit (dask worker --memory-limit) or compute more, smaller "
-                "partitions (compute.blocksize). Nothing of the step was published; a re-run "
-                "resumes from the steps before it") from None
+                f"partitions (compute.blocksize). {RESUMES}") from None
         except CommClosedError as exc:
-            raise ClusterError(f"Dask: lost the connection to the scheduler ({exc}). Nothing "
-                               "of the step was published; a re-run resumes from the steps "
-                               "before it") from None
+            raise ClusterError(f"Dask: lost the connection to the scheduler ({exc}). "
+                               f"{RESUMES}") from None
     finally:
         client.close()
         if cluster is not None:

@@ -225,10 +225,6 @@ def test_validation_failure_across_parts(dask_cluster, server, database, moto, a
     assert validate["status"] == "FAILED"
 
 
-# Known defects, open in issue 12 (not strict: the outcome varies from run to run):
-# a worker killed mid-training ends that run with LightGBM's raw socket error and a
-# traceback (the re-run passes); lightgbm.dask's model varies between runs, so precision
-# and recall are sometimes more than 0.005 from compute=local's (ROC AUC within 0.001).
 @pytest.mark.parametrize("step", ["split", "train"])
 def test_a_worker_killed_mid_step(step, server, database, moto, aws_env, tmp_path):
     """SIGKILL one of two workers (its nanny and its worker process) in the middle of a step:

@@ -22,6 +22,9 @@ ZONE = "models"
 OUTPUTS = {"model": MlflowModel(example="example"), "example": None}
 
 EXAMPLE_ROWS = 5
+# compute=dask, a scikit-learn model whose training split is too big to collect
+USE_LIGHTGBM = ("Use model=lightgbm (it trains on the Dask workers), or raise "
+                "compute.collect_limit if this machine has the memory")
 
 
 def build_estimator(model_cfg: DictConfig):
@@ -108,9 +111,7 @@ def run(cfg: DictConfig, splits: dict[str, pd.DataFrame], transformer,
             train = cluster.collect(
                 train, cfg.compute.collect_limit,
                 f"model={cfg.model.name}: {cfg.model._target_} cannot train out of core and "
-                "the training split it must collect is", "Use model=lightgbm (it trains on "
-                "the Dask workers), or raise compute.collect_limit if this machine has the "
-                "memory")
+                "the training split it must collect is", USE_LIGHTGBM)
         estimator.fit(train.drop(columns=[target]), train[target])
         on = f"{len(train):,} rows"
     model = Pipeline([*transformer.steps, ("model", estimator)])
@@ -149,8 +150,8 @@ def _fit_on_dask(cfg: DictConfig, train):
             f"LightGBM's training on the Dask workers stopped: {exc}"
             + (". A worker it trained on stopped answering: it was killed, or restarted by "
                "its nanny for going over its memory limit (compute.memory_limit, or dask "
-               "worker --memory-limit). Nothing of this step was published; a re-run "
-               "resumes from the steps before it" if _network_failure(exc) else "")) from None
+               f"worker --memory-limit). {cluster.RESUMES}" if _network_failure(exc)
+               else "")) from None
     return estimator.to_local()
 
 
@@ -173,7 +174,7 @@ def _network_failure(exc: Exception) -> bool:
 def check_collectable(cfg: DictConfig, sources: dict) -> None:
     """compute=dask with a scikit-learn model: it trains on the collected training split,
     so that split must fit in compute.collect_limit. Estimated from the source's size
-    before any work (a CSV's bytes, Parquet's x4 for its compression)."""
+    before any work."""
     from dask.utils import format_bytes, parse_bytes
 
     source = sources["train"]
@@ -188,5 +189,4 @@ def check_collectable(cfg: DictConfig, sources: dict) -> None:
             f"model={cfg.model.name}: {cfg.model._target_} cannot train out of core; with "
             f"compute=dask it trains on the collected training split, about "
             f"{format_bytes(int(estimate))} here, over compute.collect_limit="
-            f"{cfg.compute.collect_limit}. Use model=lightgbm (it trains on the Dask "
-            "workers), or raise compute.collect_limit if this machine has the memory")
+            f"{cfg.compute.collect_limit}. {USE_LIGHTGBM}")
