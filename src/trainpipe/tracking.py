@@ -211,6 +211,12 @@ class Tracking:
         )
         self._log_files(run_id, report.artifacts)
 
+    def run_step(self, name: str, inputs: dict) -> tuple[dict, Report]:
+        """A step that works in MLflow itself (register), run here: see pipeline.in_tracker."""
+        import importlib
+
+        return importlib.import_module(f"trainpipe.steps.{name}").run(self.cfg, **inputs)
+
     def artifact_uri(self, run_id: str) -> str:
         return redact_uri(self.client.get_run(run_id).info.artifact_uri)
 
@@ -340,6 +346,21 @@ def warm_up() -> threading.Thread:
     thread = threading.Thread(target=work, name="trainpipe-warm-up", daemon=True)
     thread.start()
     return thread
+
+
+def warm_up_model(cfg: DictConfig) -> None:
+    """Import the model's library in the background while the data steps run: unpickling
+    the trained model here would import it (scikit-learn: about a second) after training,
+    when the run waits for the logged model."""
+    import importlib
+
+    def work() -> None:
+        with suppress(Exception):  # a model that cannot import fails where it is used
+            importlib.import_module(module)
+
+    module = str(cfg.model.get("_target_") or "").rpartition(".")[0]
+    if module:
+        threading.Thread(target=work, name="trainpipe-warm-up", daemon=True).start()
 
 
 def flat_params(cfg: DictConfig) -> list[tuple[str, str]]:
