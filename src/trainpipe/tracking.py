@@ -331,14 +331,18 @@ def warm_up() -> threading.Thread:
     while the store opens and the pipeline's first steps run."""
 
     def work() -> None:
+        import mlflow.pyfunc.scoring_server  # noqa: F401 - log_model checks the input example
         import mlflow.sklearn  # noqa: F401
 
-        try:  # MLflow maps modules to packages (reads every installed dist) to check reqs
+        # MLflow's own helpers, private: without them MLflow just does the work later
+        with suppress(Exception):  # maps modules to packages (reads every installed dist)
             from mlflow.utils import requirements_utils
 
             requirements_utils._init_modules_to_packages_map()
-        except Exception:  # noqa: BLE001 - a private helper; without it MLflow just does it later
-            pass
+        with suppress(Exception):  # the context tags of a logged model (GitPython: git info)
+            from mlflow.tracking.context.registry import resolve_tags
+
+            resolve_tags()
         from trainpipe import report
 
         report.default_params()  # what the run report compares the run's config with
