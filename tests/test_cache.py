@@ -52,6 +52,26 @@ def reused(parent: pd.Series) -> list[str]:
     return [s for s in STEPS if isinstance(parent.get(f"tags.trainpipe.reused.{s}"), str)]
 
 
+def test_mlflow_is_imported_only_where_runs_are_written(demo_lake):
+    """The pipeline's process never imports MLflow: a full run writes its runs (and
+    registers its model) through the tracker process; an up-to-date run writes none."""
+    def run() -> tuple[str, set[str]]:  # what it printed, the packages it imported
+        result = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "trainpipe", "run", *FAST],
+            cwd=demo_lake, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+        return result.stdout, {line.rsplit("|", 1)[1].strip().split(".")[0]
+                               for line in result.stderr.splitlines()
+                               if line.startswith("import time:")}
+
+    printed, packages = run()
+    assert "register" in printed and "sklearn" in packages
+    assert "mlflow" not in packages
+    printed, packages = run()
+    assert "up to date" in printed
+    assert "mlflow" not in packages
+
+
 def test_the_change_matrix(demo_lake):
     folder = demo_lake
     assert invoke(folder, "run", *FAST).exit_code == 0

@@ -164,3 +164,32 @@ def test_workers_without_this_trainpipe_are_named_before_any_work(monkeypatch):
     message = str(caught.value)
     assert "every Dask worker needs trainpipe 9.9 (this one's version)" in message, message
     assert f"trainpipe {real('trainpipe')}" in message, message
+
+
+def test_training_waits_for_a_worker_and_says_when_none_comes(monkeypatch):
+    """A scheduler with no workers when training starts (the only one is being restarted
+    by its nanny, or none were started): the run waits for one, and says so in words when
+    none comes; it never fails with an IndexError."""
+    import threading
+
+    import dask.dataframe as dd
+    import pandas as pd
+    from distributed import Client, LocalCluster
+
+    from trainpipe import cluster
+    from trainpipe.errors import ClusterError
+
+    frame = dd.from_pandas(pd.DataFrame({"x": range(8), "y": [0, 1] * 4}), npartitions=2)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as local, \
+            Client(local) as client:
+        monkeypatch.setattr(cluster, "WORKER_WAIT", 1.0)
+        with pytest.raises(ClusterError) as caught:
+            cluster.spread(frame, "y")
+        message = str(caught.value)
+        assert f"the Dask scheduler at {client.scheduler.address} has no workers" in message
+        assert "re-run resumes" in message
+
+        monkeypatch.setattr(cluster, "WORKER_WAIT", 120.0)
+        threading.Timer(0.5, local.scale, [1]).start()  # a worker comes back meanwhile
+        features, labels, _ = cluster.spread(frame, "y")
+        assert features.compute().shape == (8, 1) and list(labels.compute()) == [0, 1] * 4

@@ -339,3 +339,32 @@ def test_a_champion_on_other_columns_is_named_and_the_bounds_decide(task_config)
             f"{new:.4f} >= min 0.5") in " ".join(result.output.split())
     tags = versions(folder, "toy_binary")
     assert sorted(tags) == [1, 2] and tags[2]["aliases"] == ["challenger", "champion"]
+
+
+def test_a_champion_tested_on_these_rows_is_not_scored_again(demo_lake):
+    """Its recorded test metrics are what scoring it again would give: its model is not even
+    loaded. Tested on these rows another way (here: another configured positive class), it
+    is loaded and scored."""
+    folder = demo_lake
+
+    def hide_model(version: int) -> None:  # scoring the version would fail now
+        client = store(folder)
+        source = client.get_model_version("hotel_bookings", str(version)).source
+        files = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+        pickle = Path(files.removeprefix("file://")) / "model.pkl"
+        pickle.rename(pickle.with_suffix(".away"))
+
+    assert invoke(folder, "run", *FAST).exit_code == 0
+    first = latest(folder)
+    hide_model(1)
+    result = invoke(folder, "run", *FAST, "--force")  # the same rows: version 2
+    assert result.exit_code == 0, result.output
+    report = gate_report(folder)
+    assert report["champion_before"] == 1 and report["champion_problem"] is None
+    assert report["scores"]["champion"]["test_roc_auc"] == first["metrics.test_roc_auc"]
+    assert report["champion_after"] == 2  # a tie passes with min_delta 0
+
+    hide_model(2)
+    result = invoke(folder, "run", *FAST, "--force", "dataset.positive_class=1")
+    assert result.exit_code == 1  # it was loaded to be scored
+    assert "No such file or directory" in result.output and "model.pkl" in result.output

@@ -19,13 +19,14 @@ def hotel(tmp_path):
 
 
 def run_through(cfg, last: str):
-    """Run the steps in order up to `last`, passing values along as the pipeline does."""
+    """Run the steps in order up to `last`, passing values along as the pipeline does; the
+    last step's report as it is recorded (artifacts made later, e.g. plots, included)."""
     values: dict = {"sources": ingest.read_sources(cfg)}
     for step in STEPS:
         outputs, report = step.module.run(cfg, **{k: values[k] for k in step.inputs})
         values |= outputs
         if step.name == last:
-            return values, report
+            return values, report.finished()
     raise AssertionError(last)
 
 

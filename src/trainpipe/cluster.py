@@ -204,7 +204,7 @@ def spread(frame, label: str) -> tuple[Any, Any, Any]:
     from distributed import get_client
 
     client = get_client()
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = _workers(client)
     parts = frame.to_delayed()
     # loose restrictions: if a worker dies, its parts are computed again elsewhere
     held = [client.compute(dask.delayed(_as_arrays)(part, label),
@@ -218,6 +218,26 @@ def spread(frame, label: str) -> tuple[Any, Any, Any]:
             da.concatenate([da.from_delayed(f, shape=y, dtype=frame[label].dtype)
                             for f, (_, y) in zip(labels, shapes, strict=True)]),
             _PartsInOrder(client))
+
+
+WORKER_WAIT = 60.0  # seconds to wait for a worker when the scheduler has none
+
+
+def _workers(client) -> list[str]:
+    """The scheduler's workers in address order. With none (a nanny restarting the only
+    one after a kill or going over its memory limit, workers not started yet), wait a
+    while for one."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    if workers:
+        return workers
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT)
+    except TimeoutError:
+        raise ClusterError(
+            f"the Dask scheduler at {client.scheduler.address} has no workers (none came in "
+            f"{WORKER_WAIT:.0f} s): start some (dask worker {client.scheduler.address}), or "
+            f"check why they stopped in their logs. {RESUMES}") from None
+    return sorted(client.scheduler_info(n_workers=-1)["workers"])
 
 
 def _as_arrays(part, label: str) -> tuple:

@@ -500,7 +500,11 @@ def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: C
         try:
             inputs = {n: values[n] for n in step.inputs}
             inputs = {n: v.result() if isinstance(v, Pending) else v for n, v in inputs.items()}
-            outputs, report = step.module.run(cfg, **inputs)
+            if in_tracker(step, cfg):
+                outputs, report = tracking.run_step(step.name, inputs).result()
+            else:
+                outputs, report = step.module.run(cfg, **inputs)
+            report = report.finishing()  # e.g. plots, drawn while the next step works
             outputs = catalog.materialize(step.name, outputs)  # compute=dask: parts written
         except Exception as exc:
             _record_failure_report(tracking, run, exc)
@@ -521,6 +525,13 @@ def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: C
     return outputs
 
 
+def in_tracker(step: Step, cfg: DictConfig) -> bool:
+    """A step that works in MLflow itself (register: the registry is its output) runs in the
+    tracker process, where MLflow is imported and its store open already; not with
+    compute=dask, whose tables live on the cluster this process is connected to."""
+    return getattr(step.module, "IN_TRACKER", False) and not cluster.enabled(cfg)
+
+
 def _publish(step: Step, outputs: dict, report, run, parent, catalog: Catalog, tracking,
              result: RunResult, step_result: StepResult) -> dict:
     """A step's outputs into the lake (and its model into MLflow), its report onto its run.
@@ -532,7 +543,7 @@ def _publish(step: Step, outputs: dict, report, run, parent, catalog: Catalog, t
                 step.name, outputs, lambda model, example: tracking.log_model(
                     run, model, example).result(), run_id=run.result(),
                 pipeline_run_id=parent.result())
-        tracking.record(run, report)
+        tracking.record(run, report.finished())
         if manifest:
             _collect(result, *catalog.record(step.name, manifest), tracking, parent, new=True)
         tracking.end_run(run, "FINISHED")

@@ -211,6 +211,12 @@ class Tracking:
         )
         self._log_files(run_id, report.artifacts)
 
+    def run_step(self, name: str, inputs: dict) -> tuple[dict, Report]:
+        """A step that works in MLflow itself (register), run here: see pipeline.in_tracker."""
+        import importlib
+
+        return importlib.import_module(f"trainpipe.steps.{name}").run(self.cfg, **inputs)
+
     def artifact_uri(self, run_id: str) -> str:
         return redact_uri(self.client.get_run(run_id).info.artifact_uri)
 
@@ -325,14 +331,18 @@ def warm_up() -> threading.Thread:
     while the store opens and the pipeline's first steps run."""
 
     def work() -> None:
+        import mlflow.pyfunc.scoring_server  # noqa: F401 - log_model checks the input example
         import mlflow.sklearn  # noqa: F401
 
-        try:  # MLflow maps modules to packages (reads every installed dist) to check reqs
+        # MLflow's own helpers, private: without them MLflow just does the work later
+        with suppress(Exception):  # maps modules to packages (reads every installed dist)
             from mlflow.utils import requirements_utils
 
             requirements_utils._init_modules_to_packages_map()
-        except Exception:  # noqa: BLE001 - a private helper; without it MLflow just does it later
-            pass
+        with suppress(Exception):  # the context tags of a logged model (GitPython: git info)
+            from mlflow.tracking.context.registry import resolve_tags
+
+            resolve_tags()
         from trainpipe import report
 
         report.default_params()  # what the run report compares the run's config with
@@ -340,6 +350,21 @@ def warm_up() -> threading.Thread:
     thread = threading.Thread(target=work, name="trainpipe-warm-up", daemon=True)
     thread.start()
     return thread
+
+
+def warm_up_model(cfg: DictConfig) -> None:
+    """Import the model's library in the background while the data steps run: unpickling
+    the trained model here would import it (scikit-learn: about a second) after training,
+    when the run waits for the logged model."""
+    import importlib
+
+    def work() -> None:
+        with suppress(Exception):  # a model that cannot import fails where it is used
+            importlib.import_module(module)
+
+    module = str(cfg.model.get("_target_") or "").rpartition(".")[0]
+    if module:
+        threading.Thread(target=work, name="trainpipe-warm-up", daemon=True).start()
 
 
 def flat_params(cfg: DictConfig) -> list[tuple[str, str]]:

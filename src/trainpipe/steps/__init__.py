@@ -4,7 +4,9 @@ outputs as values, and says what to record in a Report. It never touches the lak
 MLflow or the command line: `pipeline.py` and `catalog.py` do that.
 """
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -17,3 +19,30 @@ class Report:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> content
+    # More artifacts, made after the step returns (evaluate's plots): the runner starts
+    # making them in a thread while the next step works, and records them when they are done.
+    later: Callable[[], dict[str, bytes]] | Future | None = None
+
+    def finishing(self) -> "Report":
+        """This report with `later` being made in a thread of its own."""
+        if not callable(self.later):
+            return self
+        import threading
+
+        future: Future = Future()
+
+        def work() -> None:
+            try:
+                future.set_result(self.later())
+            except BaseException as exc:  # noqa: BLE001 - raised where the report is recorded
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name="trainpipe-later", daemon=True).start()
+        return replace(self, later=future)
+
+    def finished(self) -> "Report":
+        """This report with `later`'s artifacts made (waited for) and in `artifacts`."""
+        if self.later is None:
+            return self
+        later = self.later.result() if isinstance(self.later, Future) else self.later()
+        return replace(self, artifacts=self.artifacts | later, later=None)

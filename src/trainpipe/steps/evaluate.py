@@ -29,17 +29,17 @@ def run(cfg: DictConfig, model, features: dict[str, pd.DataFrame]) -> tuple[dict
                                                            task)
         scores = metrics_of(task, y, pred, proba, getattr(estimator, "classes_", None), positive)
         metrics |= {f"{split}_{k}": float(v) for k, v in scores.items()}
-    artifacts = (_plots(task, estimator, *predictions["test"], positive,
-                        f"{cfg.model.name} · {cfg.dataset.name}",
-                        f"test split ({len(predictions['test'][0]):,} rows)")
-                 if cfg.evaluate.plots else {})
+    plots = (lambda: _plots(task, estimator, *predictions["test"], positive,
+                            f"{cfg.model.name} · {cfg.dataset.name}",
+                            f"test split ({len(predictions['test'][0]):,} rows)")
+             ) if cfg.evaluate.plots else None
     headline = f"test_{PRIMARY[task][0]}"
     summary = f"{headline} {metrics[headline]:.4f}"
     tags = {}
     if task == "binary":
         summary += f" (positive class {_plain(positive)!r})"
         tags["trainpipe.positive_class"] = str(positive)
-    return {"metrics": metrics}, Report(summary=summary, metrics=metrics, artifacts=artifacts,
+    return {"metrics": metrics}, Report(summary=summary, metrics=metrics, later=plots,
                                         tags=tags)
 
 

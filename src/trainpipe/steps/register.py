@@ -6,14 +6,17 @@ decides whether it becomes the champion.
   0.85}}), and with `registry.gate.beat_champion` the current champion must be beaten by
   `registry.gate.min_delta` on the task's primary metric. The champion is scored here, on
   this run's test rows with its own pipeline and evaluate's metric code, so both numbers
-  come from the same rows. A champion that cannot score them (other columns, another task)
-  is named, and the bounds decide alone.
+  come from the same rows (a champion that was itself tested on exactly these rows, the
+  same way, is not scored again: its recorded test metrics are those numbers). A champion
+  that cannot score them (other columns, another task) is named, and the bounds decide
+  alone.
 - Passed: `champion` moves to the new version. Failed: it stays (the CLI exits 4 only
   with `registry.require_promotion`).
 A model that already is a version of the name is that version (never registered twice).
 
 Unlike the other steps, this one writes to MLflow (the registry is its output): through
-registry.py, the one module that talks to the Model Registry.
+registry.py, the one module that talks to the Model Registry. So it runs in the tracker
+process, where MLflow is open already (pipeline.in_tracker).
 """
 
 import json
@@ -33,8 +36,11 @@ from trainpipe.steps.evaluate import PRIMARY, metrics_of, positive_class, predic
 
 ZONE = "models"
 OUTPUTS = {"registration": Json("registration.json", parent="tags")}
+IN_TRACKER = True  # runs where MLflow is open already (pipeline.in_tracker)
 TAG_LIMIT = 5000  # characters of a reasons tag (MLflow takes 8000 on runs)
 TEST_ROWS = "trainpipe.test_rows"  # a version tag: the digest of the rows it was tested on
+# a version tag: what its recorded test metrics are about (scored_on)
+SCORED_ON = "trainpipe.scored_on"
 
 
 @dataclass(frozen=True)
@@ -194,12 +200,15 @@ def run(cfg: DictConfig, model_uri: str, metrics: dict[str, float],
     # The champion first: a champion out of reach stops the step before it registers.
     champion = registry.holder(name, CHAMPION)
     champion_scores, problem = None, None
+    key = scored_on(cfg, test_rows)
     if champion is not None and champion.source != model_uri and criteria.beat_champion:
-        champion_scores, problem = score(registry, champion, cfg, splits["test"])
+        champion_scores = _recorded(registry, champion, key, criteria)
+        if champion_scores is None:
+            champion_scores, problem = score(registry, champion, cfg, splits["test"])
     version, made = registry.register(name, model_uri, {
         "trainpipe.dataset": cfg.dataset.name, "trainpipe.task": cfg.dataset.task,
         "trainpipe.target": cfg.dataset.target, "trainpipe.model": cfg.model.name,
-        "trainpipe.registered_by": by_run, TEST_ROWS: test_rows})
+        "trainpipe.registered_by": by_run, TEST_ROWS: test_rows, SCORED_ON: key})
     registry.move(version, CHALLENGER, Move(f"registered by {by_run}"))
     scores = {k: float(v) for k, v in metrics.items() if k.startswith("test_")}
     decision = decide(name, version.version, scores, criteria,
@@ -251,6 +260,28 @@ def rows_digest(df: pd.DataFrame) -> str:
 
 def _row_hashes(df: pd.DataFrame):
     return pd.util.hash_pandas_object(df, index=False).to_numpy()
+
+
+def scored_on(cfg: DictConfig, test_rows: str) -> str:
+    """What a version's recorded test metrics are about: the test rows, the task and the
+    configured positive class, measured by this trainpipe. Two versions with the same key
+    were scored on the same rows the same way."""
+    import hashlib
+
+    import trainpipe
+
+    about = [test_rows, cfg.dataset.task, cfg.dataset.target,
+             str(cfg.dataset.get("positive_class")), trainpipe.__version__]
+    return hashlib.sha256("\0".join(about).encode()).hexdigest()[:16]
+
+
+def _recorded(registry, champion, key: str, criteria: Criteria) -> dict[str, float] | None:
+    """The champion's test metrics as its own run recorded them, when they are about these
+    very rows (the same `scored_on`): scoring it again would give the same numbers."""
+    if champion.tags.get(SCORED_ON) != key:
+        return None
+    recorded = registry.test_metrics(champion)
+    return recorded if criteria.primary in recorded else None
 
 
 def score(registry, champion, cfg: DictConfig, test: pd.DataFrame
