@@ -77,3 +77,56 @@ def test_a_dataset_key_the_file_leaves_out_is_set_without_a_plus(task_config):
     assert cfg.dataset.scoring_source == "/data/new.csv"
     with pytest.raises(ConfigError, match=r"did you mean 'scoring_source'"):
         compose("dataset=toy_binary", "dataset.scoring_sorce=/data/new.csv", config_dir=conf)
+
+
+KEPT_ALONE = """
+import sys
+from trainpipe import config
+cfg = config.compose(["model=lightgbm", "seed=3"])
+print(cfg.model.name, cfg.seed, cfg.model.params.random_state, "hydra" in sys.modules)
+"""
+
+
+def test_a_composed_config_is_kept_and_the_same_without_hydra(tmp_path, monkeypatch):
+    """Composed once, a config comes from the user's cache next time: Hydra is not even
+    imported, and the config is the one Hydra composes, resolved afresh."""
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from trainpipe import config
+
+    env = {**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path)}
+    first, second = (subprocess.run([sys.executable, "-c", KEPT_ALONE], env=env, text=True,
+                                    capture_output=True, timeout=120) for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.split() == ["lightgbm", "3", "3", "True"]
+    assert second.stdout.split() == ["lightgbm", "3", "3", "False"]
+    assert len(list((tmp_path / "trainpipe" / "composed").glob("*.yaml"))) == 1
+
+    monkeypatch.setattr(config, "COMPOSED", tmp_path / "trainpipe" / "composed")
+    fresh = OmegaConf.to_container(
+        config._hydra_compose(["model=lightgbm", "seed=3"], None), resolve=True)
+    assert OmegaConf.to_container(config.compose(["model=lightgbm", "seed=3"]),
+                                  resolve=True) == fresh
+
+
+def test_a_kept_config_follows_its_files_and_the_environment(task_config, tmp_path,
+                                                             monkeypatch):
+    """An edited dataset file is composed again; environment variables are read each time
+    (the kept config holds `${oc.env:...}`, not its value)."""
+    from trainpipe import config
+
+    monkeypatch.setattr(config, "COMPOSED", tmp_path / "composed")
+    conf = task_config("binary")
+    file = conf / "dataset" / "toy_binary.yaml"
+    assert compose("dataset=toy_binary", config_dir=conf).dataset.positive_class == "yes"
+    file.write_text(file.read_text().replace("positive_class: 'yes'", "positive_class: 'no'"))
+    assert compose("dataset=toy_binary", config_dir=conf).dataset.positive_class == "no"
+    assert len(list((tmp_path / "composed").glob("*.yaml"))) == 2
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///one.db")
+    assert compose().tracking.uri == "sqlite:///one.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///two.db")
+    assert compose().tracking.uri == "sqlite:///two.db"

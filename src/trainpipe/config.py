@@ -1,6 +1,7 @@
 """Compose the Hydra config: package defaults + a user's --config-dir + overrides."""
 
 import itertools
+import os
 import re
 import shlex
 from collections.abc import Callable
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from trainpipe.errors import ConfigError
 from trainpipe.schema import TASKS, check_dataset_config
@@ -46,18 +48,23 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
 
 
 def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
-    """The resolved config for one run; every error is a ConfigError naming the key."""
-    from hydra import initialize_config_dir
+    """The resolved config for one run; every error is a ConfigError naming the key.
 
+    Hydra takes half a second to import and compose; what it composes depends only on the
+    overrides and the config files, so it is kept (unresolved: environment variables are
+    read each time) in the user's cache folder under a digest of them (COMPOSED)."""
     if config_dir is not None:
         path = Path(config_dir).resolve()
         if not path.is_dir():
             raise ConfigError(f"--config-dir {config_dir}: no such folder")
         overrides = [f"hydra.searchpath=[file://{path}]", *overrides]
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
-        cfg = _parse(_compose_adding, overrides)
+    kept = COMPOSED / f"{_compose_digest(overrides, config_dir)}.yaml"
+    try:
+        cfg = OmegaConf.create(kept.read_text())
+    except (OSError, ValueError, OmegaConfBaseException):
+        cfg = _hydra_compose(overrides, config_dir)
+        _keep(kept, OmegaConf.to_yaml(cfg))
     OmegaConf.set_struct(cfg, False)
-    _sources_beside_the_dataset_file(cfg, overrides, config_dir)
     try:
         OmegaConf.resolve(cfg)
     except ConfigError:
@@ -70,6 +77,54 @@ def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
     check_dataset_config(cfg.dataset)
     check(cfg)
     return cfg
+
+
+def _hydra_compose(overrides: list[str], config_dir: str | None) -> DictConfig:
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = _parse(_compose_adding, overrides)
+    OmegaConf.set_struct(cfg, False)
+    _sources_beside_the_dataset_file(cfg, overrides, config_dir)
+    return cfg
+
+
+COMPOSED = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainpipe" / (
+    "composed")
+KEEP_COMPOSED = 500  # configs kept; the oldest go beyond that
+
+
+def _compose_digest(overrides: list[str], config_dir: str | None) -> str:
+    """What Hydra's compose reads: the overrides, trainpipe's and the --config-dir's YAML
+    files (names and contents), and the versions of the code that composes."""
+    import hashlib
+    from importlib.metadata import version
+
+    import trainpipe
+
+    digest = hashlib.sha256("\0".join([trainpipe.__version__, version("hydra-core"),
+                                        version("omegaconf"), *overrides]).encode())
+    for folder in [CONF_DIR, *([Path(config_dir).resolve()] if config_dir else [])]:
+        for file in sorted(p for p in folder.rglob("*") if p.suffix in (".yaml", ".yml")):
+            digest.update(b"\0" + str(file).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def _keep(path: Path, text: str) -> None:
+    """Written whole or not at all (runs side by side); a home that cannot be written to
+    only means composing again next time."""
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
+            tmp.write(text)
+        os.replace(tmp.name, path)
+        kept = sorted(path.parent.glob("*.yaml"), key=lambda p: p.stat().st_mtime)
+        for old in kept[:max(0, len(kept) - KEEP_COMPOSED)]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _sources_beside_the_dataset_file(cfg: DictConfig, overrides: list[str],

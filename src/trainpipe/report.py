@@ -277,42 +277,13 @@ _COMPOSING = threading.Lock()
 
 @functools.cache
 def _default_params() -> dict[str, str]:
-    """Composing takes most of a second; the result depends only on trainpipe's own config
-    files, so it is kept in the user's cache folder under a digest of them."""
     from trainpipe import config
     from trainpipe.tracking import flat_params
 
-    cached = _defaults_file()
     try:
-        return json.loads(cached.read_text())
-    except (OSError, ValueError):
-        pass
-    try:
-        params = dict(flat_params(config.compose([])))
+        return dict(flat_params(config.compose([])))
     except ConfigError:  # the defaults do not compose here (a broken environment): no diff
         return {}
-    params.pop("tracking.uri", None)  # read from the environment: never compared
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=cached.parent, delete=False) as tmp:
-            json.dump(params, tmp)
-        os.replace(tmp.name, cached)  # whole or not at all, also with runs side by side
-    except OSError:  # a read-only home: composed again next time
-        pass
-    return params
-
-
-def _defaults_file() -> Path:
-    import hashlib
-
-    import trainpipe
-    from trainpipe.config import CONF_DIR
-
-    digest = hashlib.sha256(trainpipe.__version__.encode())
-    for path in sorted(CONF_DIR.rglob("*.yaml")):
-        digest.update(str(path.relative_to(CONF_DIR)).encode() + b"\0" + path.read_bytes())
-    home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(home) / "trainpipe" / f"default-params-{digest.hexdigest()[:16]}.json"
 
 
 def location(artifact_uri: str) -> str:
