@@ -103,7 +103,7 @@ def test_a_composed_config_is_kept_and_the_same_without_hydra(tmp_path, monkeypa
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert first.stdout.split() == ["lightgbm", "3", "3", "True"]
     assert second.stdout.split() == ["lightgbm", "3", "3", "False"]
-    assert len(list((tmp_path / "trainpipe" / "composed").glob("*.yaml"))) == 1
+    assert len(list((tmp_path / "trainpipe" / "composed").glob("*.json"))) == 1
 
     monkeypatch.setattr(config, "COMPOSED", tmp_path / "trainpipe" / "composed")
     fresh = OmegaConf.to_container(
@@ -124,7 +124,7 @@ def test_a_kept_config_follows_its_files_and_the_environment(task_config, tmp_pa
     assert compose("dataset=toy_binary", config_dir=conf).dataset.positive_class == "yes"
     file.write_text(file.read_text().replace("positive_class: 'yes'", "positive_class: 'no'"))
     assert compose("dataset=toy_binary", config_dir=conf).dataset.positive_class == "no"
-    assert len(list((tmp_path / "composed").glob("*.yaml"))) == 2
+    assert len(list((tmp_path / "composed").glob("*.json"))) == 2
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///one.db")
     assert compose().tracking.uri == "sqlite:///one.db"

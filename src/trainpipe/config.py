@@ -1,6 +1,7 @@
 """Compose the Hydra config: package defaults + a user's --config-dir + overrides."""
 
 import itertools
+import json
 import os
 import re
 import shlex
@@ -58,12 +59,12 @@ def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
         if not path.is_dir():
             raise ConfigError(f"--config-dir {config_dir}: no such folder")
         overrides = [f"hydra.searchpath=[file://{path}]", *overrides]
-    kept = COMPOSED / f"{_compose_digest(overrides, config_dir)}.yaml"
+    kept = COMPOSED / f"{_compose_digest(overrides, config_dir)}.json"
     try:
-        cfg = OmegaConf.create(kept.read_text())
+        cfg = OmegaConf.create(json.loads(kept.read_text()))
     except (OSError, ValueError, OmegaConfBaseException):
         cfg = _hydra_compose(overrides, config_dir)
-        _keep(kept, OmegaConf.to_yaml(cfg))
+        _keep(kept, json.dumps(OmegaConf.to_container(cfg, resolve=False)))
     OmegaConf.set_struct(cfg, False)
     try:
         OmegaConf.resolve(cfg)
@@ -120,7 +121,7 @@ def _keep(path: Path, text: str) -> None:
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
             tmp.write(text)
         os.replace(tmp.name, path)
-        kept = sorted(path.parent.glob("*.yaml"), key=lambda p: p.stat().st_mtime)
+        kept = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime)
         for old in kept[:max(0, len(kept) - KEEP_COMPOSED)]:
             old.unlink(missing_ok=True)
     except OSError:
