@@ -13,7 +13,9 @@ import pytest
 
 from tests.conftest import FAST, runs, trainpipe
 
-pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+# slow: runs the pipeline end to end, not in the quick command. no_store: these tests are
+# about making the store, so their working folders start without one.
+pytestmark = [pytest.mark.slow, pytest.mark.no_store]
 
 # trainpipe (or, with "mlflow" as first argument, bare MLflow) with one change, in every
 # process it starts (the store is made by its tracker process): in the middle of the store's
