@@ -2,8 +2,12 @@
 runs the real `trainpipe` command in a subprocess."""
 
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
+import time
+from contextlib import closing
 from pathlib import Path
 
 import mlflow
@@ -15,7 +19,10 @@ from omegaconf import DictConfig
 from trainpipe import config, demo
 
 REPO = Path(__file__).resolve().parents[1]
-HOTEL = REPO.parent / "shared" / "datasets" / "hotel_bookings"
+# The shared hotel data: beside the repository (as in CI), or above it (a git worktree)
+HOTEL = next((folder / "shared" / "datasets" / "hotel_bookings" for folder in REPO.parents
+              if (folder / "shared" / "datasets" / "hotel_bookings").is_dir()),
+             REPO.parent / "shared" / "datasets" / "hotel_bookings")
 FAST = ["model.params.n_estimators=20"]  # small forests keep end-to-end tests quick
 
 
@@ -39,10 +46,50 @@ def no_mlflow_env(monkeypatch):
         monkeypatch.delenv(name)
 
 
+# Made by trainpipe's own code, in a process of its own (this one's MLflow state untouched)
+MAKE_STORE = """
+from mlflow import MlflowClient
+from trainpipe.tracking import create_sqlite_stores_atomically
+create_sqlite_stores_atomically()
+MlflowClient("sqlite:///mlflow.db").search_experiments()
+"""
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty MLflow store, made once per session (per xdist worker): MLflow's migrations
+    take seconds, and a test's working folder gets a copy instead of running them again."""
+    folder = tmp_path_factory.mktemp("empty-store")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    made = subprocess.run([sys.executable, "-c", MAKE_STORE], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["mlflow.db"]
+    return folder / "mlflow.db"
+
+
+def copy_store(template: Path, folder: Path) -> Path:
+    """`template` as folder/mlflow.db, as trainpipe would have made it working in `folder`:
+    the Default experiment's artifacts under folder/mlruns, made now."""
+    store = folder / "mlflow.db"
+    shutil.copyfile(template, store)
+    now = int(time.time() * 1000)
+    with closing(sqlite3.connect(store)) as db, db:
+        changed = db.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, "
+                             "last_update_time = ? WHERE experiment_id = 0",
+                             (str(folder / "mlruns" / "0"), now, now)).rowcount
+    assert changed == 1
+    return store
+
+
 @pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    """An empty working folder: ./lake and ./mlflow.db are created inside it."""
+def workdir(tmp_path, monkeypatch, request) -> Path:
+    """An empty working folder: ./lake is created inside it. It holds an empty MLflow store
+    (./mlflow.db, a copy of `empty_store`) unless the test is marked `no_store`: a test of
+    how the store is made, or that none is, starts without one."""
     monkeypatch.chdir(tmp_path)
+    if request.node.get_closest_marker("no_store") is None:
+        copy_store(request.getfixturevalue("empty_store"), tmp_path)
     return tmp_path
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import FAST
+from tests.conftest import FAST, copy_store
 from trainpipe import demo
 from trainpipe.cli import app
 
@@ -378,9 +378,10 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
+def template(tmp_path_factory, empty_store) -> Path:
     """A working folder after one good run: a lake with published landing outputs."""
     folder = tmp_path_factory.mktemp("good")
+    copy_store(empty_store, folder)
     here = Path.cwd()
     os.chdir(folder)  # MLflow puts the experiment's artifacts under ./mlruns
     raw = folder / "lake/raw/hotel_bookings"
@@ -458,13 +459,14 @@ def test_checks_beyond_the_schema_can_be_turned_off(template, tmp_path, monkeypa
     assert result.exit_code == 0, result.output
 
 
-def test_a_huge_cell_in_a_failure_is_shown_cut_and_quickly(tmp_path):
+def test_a_huge_cell_in_a_failure_is_shown_cut_and_quickly(tmp_path, empty_store):
     """A 1 MB text cell in a number column: the message shows its first characters, and the
     run ends (redaction and reporting cost what the shown part costs)."""
     df = good()
     df.loc[3, "lead_time"] = "x" * 1_000_000
     path = tmp_path / "huge.csv"
     df.to_csv(path, index=False)
+    copy_store(empty_store, tmp_path)
     result = subprocess.run([sys.executable, "-m", "trainpipe", "run", f"dataset.source={path}",
                              f"lake.root={tmp_path / 'lake'}",
                              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],

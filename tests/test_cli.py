@@ -19,6 +19,7 @@ def pipeline_runs(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["tags.trainpipe.kind"] == "pipeline"]
 
 
+@pytest.mark.no_store  # a first run: it makes the store too
 def test_run_on_a_fresh_folder_makes_demo_data_and_a_model(workdir):
     result = trainpipe("run", *FAST, cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -74,6 +75,7 @@ def test_run_on_the_real_hotel_csv(workdir):
     assert len(model.predict(scoring)) == 20
 
 
+@pytest.mark.no_store  # it checks that no store is made
 def test_cfg_job_prints_the_resolved_config(workdir):
     result = trainpipe("run", "--cfg", "job", "model=lightgbm", "seed=5", cwd=workdir)
     assert result.returncode == 0, result.stderr

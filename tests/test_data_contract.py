@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import FAST, compose, task_table
+from tests.conftest import FAST, compose, copy_store, task_table
 from tests.test_steps import run_through
 from trainpipe import coerce
 from trainpipe.cli import app
@@ -264,7 +264,7 @@ print(json.dumps(model.predict(pd.read_csv(sys.argv[3])).tolist()))
 
 
 @pytest.fixture(params=["iso", "day_first"])
-def trained(request, tmp_path, monkeypatch):
+def trained(request, tmp_path, monkeypatch, empty_store):
     """A model trained on a CSV with dates and booleans: ISO dates and True/False (the
     README's example), or day-first dates and yes/no."""
     monkeypatch.chdir(tmp_path)
@@ -279,7 +279,7 @@ def trained(request, tmp_path, monkeypatch):
     conf = tmp_path / "conf" / "dataset"
     conf.mkdir(parents=True)
     (conf / "toy_dates.yaml").write_text(yaml)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = f"sqlite:///{copy_store(empty_store, tmp_path)}"
     result = CliRunner().invoke(app, ["run", "--config-dir", str(tmp_path / "conf"),
                                       "dataset=toy_dates", f"lake.root={tmp_path / 'lake'}",
                                       f"tracking.uri={store}", *FAST])

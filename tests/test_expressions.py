@@ -50,6 +50,7 @@ def test_the_parser_refuses_code(attack, tmp_path):
     assert not target.exists()
 
 
+@pytest.mark.no_store  # it checks that no store is made
 @pytest.mark.parametrize("attack", ATTACKS[:2])
 def test_the_command_refuses_code_before_any_run(attack, task_config):
     conf = task_config("binary")

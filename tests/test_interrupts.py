@@ -8,7 +8,6 @@ import time
 import pytest
 
 from tests.conftest import runs, trainpipe
-from trainpipe import demo
 
 pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
 
@@ -20,10 +19,8 @@ def statuses(workdir) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_train_ends_runs_killed(workdir, sig):
-    raw = workdir / "lake/raw/hotel_bookings"
-    raw.mkdir(parents=True)
-    demo.hotel_bookings(rows=20000, seed=1).to_csv(raw / "train.csv", index=False)
+def test_a_signal_during_train_ends_runs_killed(demo_lake, sig):
+    workdir = demo_lake  # 3,000 rows: 3,000 trees on one thread train for many seconds
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainpipe", "run", "model.params.n_estimators=3000",
          "model.params.n_jobs=1"],

@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from tests.conftest import FAST, compose, trainpipe
+from tests.conftest import FAST, compose, copy_store, trainpipe
 from trainpipe import demo, lake, serving
 from trainpipe.cli import app
 from trainpipe.errors import ConfigError, DataValidationError
@@ -31,9 +31,10 @@ def scoring_rows(rows: int = SCORING_ROWS, seed: int = 7) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
+def trained(tmp_path_factory, empty_store) -> dict:
     """A pipeline run with scoring data: its folder, store, model and published predictions."""
     folder = tmp_path_factory.mktemp("trained")
+    copy_store(empty_store, folder)
     raw = folder / "lake/raw/hotel_bookings"
     raw.mkdir(parents=True)
     demo.hotel_bookings(rows=3000, seed=1).to_csv(raw / "train.csv", index=False)

@@ -137,6 +137,7 @@ def test_bounds_name_metrics_the_task_reports():
     ("+registry.gate.metrics.test_roc_auc.min=0.9x",
      "registry.gate.metrics.test_roc_auc.min='0.9x': must be a number"),
 ])
+@pytest.mark.no_store  # it checks that no store is made
 def test_gate_config_errors_exit_2_before_any_run(demo_lake, override, words):
     result = invoke(demo_lake, "run", override)
     assert result.exit_code == 2, result.output

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 from PIL import Image
 
-from tests.conftest import FAST, compose, trainpipe
+from tests.conftest import FAST, compose, copy_store, trainpipe
 from tests.test_interrupts import FAILING_FIT
 from tests.test_steps import run_through
 from trainpipe import demo
@@ -99,9 +99,10 @@ def assert_self_contained(page: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, empty_store):
     """A real run of the whole pipeline on demo data (shared by the tests that read it)."""
     workdir = tmp_path_factory.mktemp("finished")
+    copy_store(empty_store, workdir)
     raw = workdir / "lake" / "raw" / "hotel_bookings"
     raw.mkdir(parents=True)
     demo.hotel_bookings(rows=3000, seed=1).to_csv(raw / "train.csv", index=False)

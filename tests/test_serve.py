@@ -19,7 +19,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import FAST, trainpipe
+from tests.conftest import FAST, copy_store, trainpipe
 from trainpipe import demo, supervise
 
 pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
@@ -28,8 +28,9 @@ READY = "Ctrl-C stops it."
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> dict:
+def model(tmp_path_factory, empty_store) -> dict:
     folder = tmp_path_factory.mktemp("served")
+    copy_store(empty_store, folder)
     raw = folder / "lake/raw/hotel_bookings"
     raw.mkdir(parents=True)
     demo.hotel_bookings(rows=3000, seed=1).to_csv(raw / "train.csv", index=False)

@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import FAST, runs, trainpipe
 
 pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
+# no_store marks the tests of how the store is made: their folders start without one
 
 # trainpipe (or, with "mlflow" as first argument, bare MLflow) with one change, in every
 # process it starts (the store is made by its tracker process): in the middle of the store's
@@ -56,6 +57,7 @@ def store_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if "mlflow.db" in p.name)
 
 
+@pytest.mark.no_store
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
                          ids=["kill-9", "sigterm", "ctrl-c"])
 def test_a_run_stopped_while_it_creates_the_store_leaves_no_half_store(demo_lake, sig):
@@ -80,6 +82,7 @@ def test_a_run_stopped_while_it_creates_the_store_leaves_no_half_store(demo_lake
     assert set(runs(folder)["status"]) == {"FINISHED"}
 
 
+@pytest.mark.no_store
 def test_first_runs_at_once_in_a_new_folder_share_one_store(demo_lake):
     folder = demo_lake
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -95,6 +98,7 @@ def test_first_runs_at_once_in_a_new_folder_share_one_store(demo_lake):
     assert store_files(folder) == ["mlflow.db"]
 
 
+@pytest.mark.no_store
 def test_a_store_made_half_by_another_program_says_what_to_do(demo_lake):
     folder = demo_lake
     proc = start_paused_in_migrations(folder, "mlflow")  # bare MLflow: no atomic creation
@@ -127,6 +131,7 @@ def test_a_store_with_runs_is_never_called_deletable(demo_lake):
     assert "rm " not in result.stderr
 
 
+@pytest.mark.no_store
 def test_a_run_that_fails_before_any_work_leaves_no_new_store(workdir):
     result = trainpipe("run", f"dataset.source={workdir}/nope.csv", cwd=workdir)
     assert result.returncode == 2

@@ -88,6 +88,7 @@ def test_the_override_line_replaces_searched_params_and_drops_tune_keys(workdir)
     compose(*line)  # a config it composes to
 
 
+@pytest.mark.no_store  # it checks that no store is made
 def test_a_bad_search_space_exits_2_before_any_trial(demo_lake):
     result = trainpipe("tune", *QUICK, "model.search_space.num_leaves.low=300", cwd=demo_lake)
     assert result.returncode == 2, result.stderr

@@ -237,9 +237,13 @@ def test_a_worker_killed_mid_step(step, server, database, moto, aws_env, tmp_pat
     cluster = start_dask_cluster(tmp_path / "dask", clean_env() | aws_env)  # its own
     try:
         source = put_csv(moto, f"{root}/raw/hotel_bookings/train.csv", hotel())  # 42,100 rows
-        # about 60 partitions: the split writes about 180 parts, one S3 object each; 300
-        # trees keep LightGBM busy for seconds
-        args = on_dask(cluster, root, f"dataset.source={source}", "compute.blocksize=32KB",
+        # split: about 60 partitions, so the split writes about 180 parts, one S3 object
+        # each; train: 300 trees keep LightGBM busy for seconds (about 8 partitions: the
+        # steps before it have no parts to write slowly). Both runs stop after `step`: the
+        # steps after it have no part in what is tested.
+        blocksize = "32KB" if step == "split" else "256KB"
+        args = on_dask(cluster, root, f"dataset.source={source}", "--to", step,
+                       f"compute.blocksize={blocksize}",
                        *(["model.params.n_estimators=300"] if step == "train" else []))
         env = run_env(server, aws_env)
         result = run_and_kill(args, tmp_path, env, cluster, moto, root, step)
