@@ -18,8 +18,11 @@ def statuses(workdir) -> dict[str, str]:
     return dict(zip(name, df["status"], strict=True))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_train_ends_runs_killed(demo_lake, sig):
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT],
+                                     [signal.SIGINT, signal.SIGINT]],
+                         ids=["sigterm", "ctrl-c", "ctrl-c twice"])
+def test_a_signal_during_train_ends_runs_killed(demo_lake, signals):
+    """Also a second Ctrl-C, pressed while the first is ending the runs: it waits."""
     workdir = demo_lake  # 3,000 rows: 3,000 trees on one thread train for many seconds
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainpipe", "run", "model.params.n_estimators=3000",
@@ -31,10 +34,13 @@ def test_a_signal_during_train_ends_runs_killed(demo_lake, sig):
             break
         assert time.monotonic() < deadline
     time.sleep(1.0)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
+    for sig in signals:
+        proc.send_signal(sig)
+        time.sleep(0.3)
+    stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr
+    assert "interrupted: ending the runs KILLED" in stdout
+    assert "interrupted: runs marked KILLED" in stderr
     assert statuses(workdir) == {"pipeline": "KILLED", "train": "KILLED", "ingest": "FINISHED",
                                  "validate": "FINISHED", "split": "FINISHED",
                                  "features": "FINISHED"}

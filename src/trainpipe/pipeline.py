@@ -170,7 +170,7 @@ def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
                        else nullcontext({}))
             with compute as compute_tags:
                 _run_tracked(cfg, overrides, catalog, steps, reused, result, on_step, tracker,
-                             compute_tags)
+                             compute_tags, on_notice)
     except BaseException as exc:  # noqa: BLE001 - reported to the caller, runs already ended
         result.error = exc
     finally:
@@ -323,7 +323,8 @@ def _collect(result: RunResult, tags: dict[str, str], metrics: dict[str, float],
 
 def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps: list[Step],
                  reused: dict[str, dict | None], result: RunResult, on_step, tracker,
-                 compute_tags: dict[str, str]) -> None:
+                 compute_tags: dict[str, str],
+                 on_notice: Callable[[str], None] = lambda m: None) -> None:
     """Run the steps that must run, recorded through the tracker process. A step's outputs
     are published in the background while the next step works (the step after it takes
     them from memory): MLflow's run ids, which manifests name, arrive when they arrive."""
@@ -365,9 +366,13 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
     finally:  # interrupted: what was computed publishes if it can within PUBLISH_GRACE,
         # then the runs are ended within WAIT_AFTER_INTERRUPT, whatever hangs
         killed = status == "KILLED"
-        publisher.stop(PUBLISH_GRACE if killed else None)
-        _finish(tracker, tracking, parent, status, result,
-                WAIT_AFTER_INTERRUPT if killed else None)
+        if killed:
+            on_notice(f"interrupted: ending the runs KILLED (at most "
+                      f"{PUBLISH_GRACE + WAIT_AFTER_INTERRUPT:.0f} s; another Ctrl-C waits too)")
+        with _uninterrupted():
+            publisher.stop(PUBLISH_GRACE if killed else None)
+            _finish(tracker, tracking, parent, status, result,
+                    WAIT_AFTER_INTERRUPT if killed else None)
 
 
 def _left(deadline: float | None) -> float | None:
@@ -573,6 +578,24 @@ def _ensure_demo_data(cfg: DictConfig, notice: Callable[[str], None]) -> None:
     df = generator(seed=cfg.seed)
     lake.write_file(source, df.to_csv(index=False).encode())
     notice(f"no data at {source}: wrote {len(df):,} rows of synthetic demo data there")
+
+
+@contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """While the runs are being ended, Ctrl-C and SIGTERM wait: a second Ctrl-C, pressed
+    because the first seemed slow, would otherwise stop the ending halfway and leave runs
+    RUNNING or never written. The waits inside are bounded."""
+    try:
+        previous = {sig: signal.signal(sig, signal.SIG_IGN)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager
