@@ -350,9 +350,12 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
             return step.module.run(cfg, **{i: values[i] for i in step.inputs})[0]
 
         for step, step_result in zip(steps, result.steps, strict=True):
-            if reused[step.name] is not None:
-                publisher.submit(lambda s=step, r=step_result: _reuse(
-                    tracking, parent, catalog, s, r, reused[s.name], result, on_step))
+            if reused[step.name] is not None:  # said now, in order; recorded in the background
+                step_result.status = "cached"
+                step_result.summary = _reused_summary(reused[step.name])
+                on_step(step_result)
+                publisher.submit(lambda s=step: _reuse(tracking, parent, catalog, s,
+                                                       reused[s.name], result))
             else:
                 values |= _run_step(cfg, step, step_result, values, catalog, tracking, parent,
                                     compute, result, on_step, publisher, publishing)
@@ -474,18 +477,16 @@ def _write_report(tracking, parent, status: str, result: RunResult,
         result.report_problem = f"{type(exc).__name__}: {exc}"
 
 
-def _reuse(tracking, parent, catalog: Catalog, step: Step, step_result: StepResult,
-           manifest: dict, result: RunResult, on_step) -> None:
+def _reuse(tracking, parent, catalog: Catalog, step: Step, manifest: dict,
+           result: RunResult) -> None:
     """A reused step makes no run of its own: the parent run lists it (its fingerprint and
     the run that made its output)."""
-    step_result.status, step_result.summary = "cached", _reused_summary(manifest)
     if manifest:
         made_by = manifest.get("pipeline_run_id") or manifest.get("run_id") or "?"
         tags, metrics = catalog.record(step.name, manifest)
         tags[f"trainpipe.reused.{step.name}"] = (
             f"fingerprint {catalog.fingerprints[step.name]}, made by run {made_by}")
         _collect(result, tags, metrics, tracking, parent)
-    on_step(step_result)
 
 
 def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: Catalog,
