@@ -507,7 +507,7 @@ def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: C
             inputs = {n: values[n] for n in step.inputs}
             inputs = {n: v.result() if isinstance(v, Pending) else v for n, v in inputs.items()}
             if in_tracker(step, cfg):
-                outputs, report = tracking.run_step(step.name, inputs).result()
+                outputs, report = tracking.run_step(step.module.__name__, inputs).result()
             else:
                 outputs, report = step.module.run(cfg, **inputs)
             report = report.finishing()  # e.g. plots, drawn while the next step works
@@ -582,13 +582,10 @@ def _ensure_demo_data(cfg: DictConfig, notice: Callable[[str], None]) -> None:
 
 
 @contextmanager
-def _uninterrupted() -> Iterator[None]:
-    """While the runs are being ended, Ctrl-C and SIGTERM wait: a second Ctrl-C, pressed
-    because the first seemed slow, would otherwise stop the ending halfway and leave runs
-    RUNNING or never written. The waits inside are bounded."""
+def _signals_handled(handlers: dict) -> Iterator[None]:
+    """`handlers` (signal -> handler) while the block runs, the previous ones after."""
     try:
-        previous = {sig: signal.signal(sig, signal.SIG_IGN)
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
@@ -599,19 +596,17 @@ def _uninterrupted() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-@contextmanager
-def sigterm_interrupts() -> Iterator[None]:
+def _uninterrupted():
+    """While the runs are being ended, Ctrl-C and SIGTERM wait: a second Ctrl-C, pressed
+    because the first seemed slow, would otherwise stop the ending halfway and leave runs
+    RUNNING or never written. The waits inside are bounded."""
+    return _signals_handled({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN})
+
+
+def sigterm_interrupts():
     """SIGTERM unwinds like Ctrl-C, so runs end KILLED instead of staying RUNNING."""
 
     def interrupt(signum, frame):
         raise Interrupted("terminated by SIGTERM")
 
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return _signals_handled({signal.SIGTERM: interrupt})

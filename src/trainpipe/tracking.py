@@ -211,11 +211,12 @@ class Tracking:
         )
         self._log_files(run_id, report.artifacts)
 
-    def run_step(self, name: str, inputs: dict) -> tuple[dict, Report]:
-        """A step that works in MLflow itself (register), run here: see pipeline.in_tracker."""
+    def run_step(self, module: str, inputs: dict) -> tuple[dict, Report]:
+        """A step (its module) that works in MLflow itself (register), run here: see
+        pipeline.in_tracker."""
         import importlib
 
-        return importlib.import_module(f"trainpipe.steps.{name}").run(self.cfg, **inputs)
+        return importlib.import_module(module).run(self.cfg, **inputs)
 
     def artifact_uri(self, run_id: str) -> str:
         return redact_uri(self.client.get_run(run_id).info.artifact_uri)
