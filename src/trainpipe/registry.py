@@ -64,6 +64,14 @@ class Registry:
         tracking = Tracking(cfg)  # fails fast on a dead server; bounds MLflow's retries
         self.client, self.uri = tracking.client, tracking.uri
 
+    @property
+    def _writer(self):
+        """Tags and aliases are written through the registry client under MlflowClient: it
+        writes the same, without MlflowClient's check before every write that the name is no
+        prompt, which loads the registered model with all its versions (a gate's dozen
+        writes cost O(versions) each). The names written here are registered models."""
+        return self.client._get_registry_client()
+
     # ------------------------------------------------------------------------ reading
 
     def names(self) -> list[str]:
@@ -174,7 +182,7 @@ class Registry:
         for key, value in tags.items():
             for attempt in range(3):
                 try:
-                    self.client.set_model_version_tag(version.name, str(version.version), key,
+                    self._writer.set_model_version_tag(version.name, str(version.version), key,
                                                       redact_text(str(value)))
                     break
                 except MlflowException as exc:
@@ -191,7 +199,7 @@ class Registry:
         before = self.holder(version.name, alias)
         if before is not None and before.version == version.version:
             return None
-        self.client.set_registered_model_alias(version.name, alias, str(version.version))
+        self._writer.set_registered_model_alias(version.name, alias, str(version.version))
         self.set_tags(version, {f"trainpipe.{alias}.set_by": move.who,
                                 f"trainpipe.{alias}.set_at": move.when,
                                 f"trainpipe.{alias}.why": move.why, **(tags or {})})

@@ -106,15 +106,9 @@ def plan(cfg: DictConfig) -> Plan:
 def check_estimator_takes(cfg: DictConfig, space: dict) -> None:
     """Every searched parameter is one the estimator takes, and it accepts the ends of each
     range (a tiny fit for estimators that only say so when they fit: train.check)."""
-    from hydra.utils import get_class
-
     from trainpipe.steps import train
 
-    try:
-        cls = get_class(cfg.model._target_)
-    except Exception as exc:  # noqa: BLE001 - named like train.build_estimator does
-        raise ConfigError(f"model._target_: cannot import {cfg.model._target_!r} ({exc})"
-                          ) from None
+    cls = train.estimator_class(cfg.model._target_)
     takes = set(cls().get_params())
     for name in space:
         if name not in takes:
@@ -385,9 +379,9 @@ class _Objective:
         return run_id
 
     def _fit(self, trial, params: dict, curve: list) -> tuple[object, float]:
-        from hydra.utils import get_class
+        from trainpipe.steps.train import estimator_class
 
-        estimator = get_class(self.cfg.model._target_)(**params)
+        estimator = estimator_class(self.cfg.model._target_)(**params)
         x, y = self.data["train"]
         start = time.perf_counter()
         fit_kwargs = self._pruning(trial, estimator, params, curve)
