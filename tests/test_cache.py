@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import FAST, trainpipe
-from trainpipe import cache, demo
+from trainpipe import cache, config, demo
 from trainpipe.cli import app
 from trainpipe.lake import Lake
 
@@ -64,12 +64,13 @@ def test_mlflow_is_imported_only_where_runs_are_written(demo_lake):
                                for line in result.stderr.splitlines()
                                if line.startswith("import time:")}
 
+    config.compose(FAST)  # kept composed: the runs need not import Hydra either
     printed, packages = run()
     assert "register" in printed and "sklearn" in packages
-    assert "mlflow" not in packages
+    assert "mlflow" not in packages and "hydra" not in packages
     printed, packages = run()
     assert "up to date" in printed
-    assert "mlflow" not in packages
+    assert "mlflow" not in packages and "hydra" not in packages
 
 
 def test_the_change_matrix(demo_lake):
