@@ -7,13 +7,16 @@ import time
 
 import pytest
 
-from tests.conftest import runs, trainpipe
+from tests.conftest import FAST, compose, runs, trainpipe
+from trainpipe import pipeline
 
 pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
 
 
 def statuses(workdir) -> dict[str, str]:
     df = runs(workdir)
+    if "tags.trainpipe.step" not in df:  # no step run yet
+        return {}
     name = df["tags.trainpipe.step"].fillna("pipeline")
     return dict(zip(name, df["status"], strict=True))
 
@@ -33,7 +36,11 @@ def test_a_signal_during_train_ends_runs_killed(demo_lake, signals):
         if "▶ train" in line:
             break
         assert time.monotonic() < deadline
-    time.sleep(1.0)
+    # and the steps before it are recorded (on a busy machine the tracker can lag behind)
+    while not (workdir / "mlflow.db").exists() or statuses(workdir).get("features") != (
+            "FINISHED"):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
     for sig in signals:
         proc.send_signal(sig)
         time.sleep(0.3)
@@ -44,6 +51,31 @@ def test_a_signal_during_train_ends_runs_killed(demo_lake, signals):
     assert statuses(workdir) == {"pipeline": "KILLED", "train": "KILLED", "ingest": "FINISHED",
                                  "validate": "FINISHED", "split": "FINISHED",
                                  "features": "FINISHED"}
+
+
+@pytest.mark.parametrize("moment", [("register", "running"), ("evaluate", "done")],
+                         ids=["as register starts", "as evaluate is done"])
+def test_ctrl_c_at_a_step_boundary_is_told_as_mlflow_records_it(demo_lake, monkeypatch,
+                                                                 moment):
+    """Ctrl-C just as a step starts, or just after it finished but before its outputs were
+    published: the summary (and report.html) say "killed", as its run in MLflow does, never
+    "running" or "done"."""
+    monkeypatch.chdir(demo_lake)
+
+    def on_step(step):  # what the CLI prints; the Ctrl-C comes at that exact moment
+        if (step.name, step.status) == moment:
+            raise KeyboardInterrupt
+
+    result = pipeline.run(compose(*FAST), FAST, on_step=on_step)
+    assert isinstance(result.error, KeyboardInterrupt)
+    said = {step.name: step.status for step in result.steps}
+    assert said[moment[0]] == "killed"
+    recorded = statuses(demo_lake)
+    assert recorded.pop("pipeline") == "KILLED"
+    assert recorded == {name: {"done": "FINISHED", "killed": "KILLED"}[status]
+                        for name, status in said.items() if name in recorded}
+    assert "running" not in said.values() and said["predict" if "predict" in said else
+                                                      "register"] in ("pending", "killed")
 
 
 def test_a_config_error_stops_before_any_run(demo_lake):

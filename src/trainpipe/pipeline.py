@@ -374,8 +374,19 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
                       f"{PUBLISH_GRACE + WAIT_AFTER_INTERRUPT:.0f} s; another Ctrl-C waits too)")
         with _uninterrupted():
             publisher.stop(PUBLISH_GRACE if killed else None)
+            _settle(result, publisher, killed)
             _finish(tracker, tracking, parent, status, result,
                     WAIT_AFTER_INTERRUPT if killed else None)
+
+
+def _settle(result: RunResult, publisher: "Publisher", killed: bool) -> None:
+    """A step is done once its outputs are published and its run ended FINISHED. One the
+    run stopped before that (Ctrl-C just as it started, or before its outputs were
+    published) ends with the parent run: the summary and the report say so, as MLflow does."""
+    for step in result.steps:
+        if step.status == "running" or step.status == "done" and step.name not in (
+                publisher.ended):
+            step.status = "killed" if killed else "failed"
 
 
 def _left(deadline: float | None) -> float | None:
@@ -391,6 +402,9 @@ class Publisher:
 
         self._queue: queue.Queue = queue.Queue()
         self._errors: list[BaseException] = []
+        self.ended: set[str] = set()  # steps whose runs a job ended (FINISHED or FAILED)
+        self._stopped = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="trainpipe-publish",
                                         daemon=True)
         self._thread.start()
@@ -417,6 +431,19 @@ class Publisher:
         later one fails or is interrupted), waiting at most `timeout` seconds."""
         self._queue.put(None)
         self._thread.join(timeout)
+        with self._lock:
+            self._stopped = True
+
+    def end(self, step: StepResult, end_run: Callable[[], object], status: str | None = None
+            ) -> None:
+        """A job's last word on its step: end its run (and set its status). Once stop() has
+        returned, the step is the parent's to end (KILLED): a late job says nothing, so
+        what the summary tells and what MLflow records cannot differ."""
+        with self._lock:
+            if not self._stopped:
+                end_run()
+                step.status = status or step.status
+                self.ended.add(step.name)
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -527,7 +554,8 @@ def _run_step(cfg, step: Step, step_result: StepResult, values: dict, catalog: C
         step_result.seconds = time.perf_counter() - start
         on_step(step_result)
     publishing[step.name] = publisher.submit(lambda: _publish(
-        step, dict(outputs), report, run, parent, catalog, tracking, result, step_result))
+        step, dict(outputs), report, run, parent, catalog, tracking, result, step_result,
+        publisher))
     return outputs
 
 
@@ -539,7 +567,7 @@ def in_tracker(step: Step, cfg: DictConfig) -> bool:
 
 
 def _publish(step: Step, outputs: dict, report, run, parent, catalog: Catalog, tracking,
-             result: RunResult, step_result: StepResult) -> dict:
+             result: RunResult, step_result: StepResult, publisher: "Publisher") -> dict:
     """A step's outputs into the lake (and its model into MLflow), its report onto its run.
     Returns the outputs with what publishing made of them (the logged model's URI)."""
     try:
@@ -552,11 +580,10 @@ def _publish(step: Step, outputs: dict, report, run, parent, catalog: Catalog, t
         tracking.record(run, report.finished())
         if manifest:
             _collect(result, *catalog.record(step.name, manifest), tracking, parent, new=True)
-        tracking.end_run(run, "FINISHED")
+        publisher.end(step_result, lambda: tracking.end_run(run, "FINISHED"))
         return outputs
     except BaseException:
-        step_result.status = "failed"
-        tracking.end_run(run, "FAILED")
+        publisher.end(step_result, lambda: tracking.end_run(run, "FAILED"), "failed")
         raise
 
 
