@@ -33,6 +33,8 @@ SECONDS = "trainpipe.seconds"  # on a step run and the parent: its time, as the 
 # measured it
 ERROR = "trainpipe.error"  # on the parent run: why it failed or stopped
 REUSED = "trainpipe.reused."  # + step, on the parent run: "fingerprint F, made by run R"
+# on the parent run, without trainpipe.git_commit: why none (tracking._git_tags)
+NO_COMMIT = "trainpipe.git_no_commit"
 # The plots in the order the page shows them; any other PNG of the evaluate run follows.
 PLOTS = ("roc_curve.png", "precision_recall_curve.png", "calibration.png",
          "confusion_matrix.png", "predicted_vs_actual.png", "residuals.png",
@@ -576,9 +578,7 @@ def _lineage(r: Record) -> str:
     if rows:
         parts.append("<h3>Step fingerprints</h3>" + _table(["step", "fingerprint", "output"],
                                                            rows))
-    code = [("trainpipe", r.tags.get("trainpipe.version")),
-            ("git commit", r.tags.get("trainpipe.git_commit", "not run from a git checkout")
-             + (" (uncommitted changes)" if r.tags.get("trainpipe.git_dirty") == "true" else "")),
+    code = [("trainpipe", r.tags.get("trainpipe.version")), ("git commit", _commit(r.tags)),
             ("python", r.environment.get("python")), ("platform", r.environment.get("platform"))]
     code += sorted((p, v or "not installed")
                    for p, v in r.environment.get("packages", {}).items())
@@ -596,6 +596,16 @@ def _lineage(r: Record) -> str:
         parts.append(f"<details><summary>config.yaml (the resolved config)</summary>"
                      f"<pre>{e(r.config_yaml)}</pre></details>")
     return _section("lineage", "Lineage", "".join(parts))
+
+
+def _commit(tags: dict[str, str]) -> str:
+    """The run's git commit, or that none was recorded and why, when the run says why
+    (tracking._git_tags: not a git checkout, no commit yet, no git, git's error)."""
+    if "trainpipe.git_commit" in tags:
+        dirty = tags.get("trainpipe.git_dirty") == "true"
+        return tags["trainpipe.git_commit"] + (" (uncommitted changes)" if dirty else "")
+    why = tags.get(NO_COMMIT)
+    return f"no git commit recorded ({why})" if why else "no git commit recorded"
 
 
 def _section(key: str, title: str, content: str) -> str:

@@ -1,0 +1,75 @@
+"""What the run report says where a run recorded less: why no git commit was recorded. Quick:
+the parts of the page are made from hand-made records, no pipeline runs."""
+
+import subprocess
+
+import pytest
+
+from trainpipe import report
+from trainpipe.tracking import _git_tags
+
+
+def lineage(tags: dict[str, str]) -> str:
+    record = report.Record(None, "FINISHED", 1.0, [], {}, {}, tags, [])
+    return report._lineage(record)
+
+
+def git_row(tags: dict[str, str]) -> str:
+    """The text of the page's "git commit" row."""
+    page = lineage(tags)
+    return page.split("<td>git commit</td><td><code>", 1)[1].split("</code>", 1)[0]
+
+
+def commit_all(folder) -> None:
+    for args in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                                  "--allow-empty", "-m", "first"]):
+        subprocess.run(["git", *args], cwd=folder, check=True, capture_output=True)
+
+
+def test_a_checkout_records_its_commit(tmp_path, monkeypatch):
+    commit_all(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    tags = _git_tags()
+    assert len(tags["trainpipe.git_commit"]) == 40 and tags["trainpipe.git_dirty"] == "false"
+    assert "trainpipe.git_no_commit" not in tags
+    assert git_row(tags) == tags["trainpipe.git_commit"]
+    assert git_row(tags | {"trainpipe.git_dirty": "true"}).endswith(" (uncommitted changes)")
+
+
+FAKE_GIT = """#!/bin/sh
+echo "fatal: detected dubious ownership in repository at '$PWD'" >&2
+echo "To add an exception for this directory, call:" >&2
+exit 128
+"""
+
+
+@pytest.mark.parametrize("case,said", [
+    ("not a checkout", "the working folder was not a git checkout"),
+    ("no commit yet", "the git checkout had no commit yet"),
+    ("no git", "git was not found"),
+    ("git fails", "git failed: detected dubious ownership in repository at '{folder}'"),
+])
+def test_without_a_commit_the_run_says_why(case, said, tmp_path, monkeypatch):
+    """The report said "not run from a git checkout" whenever no commit was recorded, also
+    when the folder was a checkout and git was missing or failed."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    if case == "no commit yet":
+        subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    if case in ("no git", "git fails"):
+        commit_all(folder)  # a checkout, but git cannot tell
+        bin_ = tmp_path / "bin"
+        bin_.mkdir()
+        if case == "git fails":
+            (bin_ / "git").write_text(FAKE_GIT)
+            (bin_ / "git").chmod(0o755)
+        monkeypatch.setenv("PATH", str(bin_))
+    tags = _git_tags()
+    said = said.format(folder=folder)
+    assert tags == {"trainpipe.git_no_commit": said}
+    assert git_row(tags) == f"no git commit recorded ({said})".replace("'", "&#x27;")
+
+
+def test_a_run_recorded_before_the_reason_says_only_that_there_is_no_commit():
+    assert git_row({}) == "no git commit recorded"
