@@ -73,3 +73,26 @@ def test_without_a_commit_the_run_says_why(case, said, tmp_path, monkeypatch):
 
 def test_a_run_recorded_before_the_reason_says_only_that_there_is_no_commit():
     assert git_row({}) == "no git commit recorded"
+
+
+def validation_section(report_json: dict) -> str:
+    import json
+
+    record = report.Record(None, "FAILED", 1.0, [report.StepView("validate", "FAILED")], {}, {},
+                           {}, [], files={("validate", "validation_report.json"):
+                                          json.dumps(report_json).encode()})
+    return " ".join(report._validation(record).split())
+
+
+FAILURE = {"source": "train.csv", "column": "arrival_month", "check": "less_than(13)",
+           "rows": 1, "message": "less_than(13)", "examples": [{"row": 5, "value": 13}]}
+
+
+def test_example_rows_are_numbered_from_one_also_in_reports_made_before():
+    """Reports record example rows from 1 (first_row: 1); one recorded before, from 0 (no
+    first_row), is shown numbered from 1 too."""
+    now = validation_section({"first_row": 1, "failures": [FAILURE]})
+    before = validation_section({"failures": [FAILURE]})
+    assert "row 5: 13" in now and "row 6: 13" in before
+    for section in (now, before):
+        assert "example rows are numbered from 1, the header line not counted" in section

@@ -441,16 +441,20 @@ def _validation(r: Record) -> str:
                      f"{src.get('rows', 0):,} rows</p>")
     if report.get("failures"):
         rows = []
+        # rows from 1, the header not counted (a report made before it said so: from 0)
+        shift = 1 - report.get("first_row", 0)
         for f in report["failures"]:
             examples = "; ".join(
-                f"row {x['row']}: {x['value']!r}" if x.get("row") is not None
+                f"row {x['row'] + shift}: {x['value']!r}" if x.get("row") is not None
                 else repr(x.get("value")) for x in f.get("examples", []))
             rows.append(f"<tr><td><code>{e(f.get('column') or '(table)')}</code></td>"
                         f"<td>{e(f.get('message'))}</td><td class=num>{f.get('rows', 0):,}</td>"
                         f"<td><code>{e(examples)}</code></td><td>{e(f.get('source'))}</td></tr>")
         verdict = (f"<p class='verdict failed'>FAILED: {len(report['failures'])} "
                    f"check(s) broken; nothing was published</p>")
-        parts += [verdict, _table(["column", "check", "rows", "examples", "file"], rows)]
+        parts += [verdict, _table(["column", "check", "rows", "examples", "file"], rows),
+                  "<p class=note>example rows are numbered from 1, the header line not "
+                  "counted</p>"]
     else:
         parts.append("<p class='verdict passed'>passed: every row holds to the dataset's "
                      "contract</p>")
