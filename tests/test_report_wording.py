@@ -1,5 +1,6 @@
-"""What the run report says where a run recorded less: why no git commit was recorded. Quick:
-the parts of the page are made from hand-made records, no pipeline runs."""
+"""What the run report says where a run recorded less or otherwise: why no git commit was
+recorded, example rows of older validation reports, steps reused from a run the store does
+not hold. Quick: the parts of the page are made from hand-made records, no pipeline runs."""
 
 import subprocess
 
@@ -96,3 +97,20 @@ def test_example_rows_are_numbered_from_one_also_in_reports_made_before():
     assert "row 5: 13" in now and "row 6: 13" in before
     for section in (now, before):
         assert "example rows are numbered from 1, the header line not counted" in section
+
+
+def test_a_step_reused_from_a_run_the_store_does_not_hold_says_so_in_its_section():
+    """Its sections said "no validation report recorded" (validate) or nothing at all
+    (split), as if the step had recorded nothing."""
+    steps = [report.StepView(name, "CACHED", 0.0, "reused", "f", made_by="abc123",
+                             elsewhere=True) for name in ("validate", "split")]
+    record = report.Record(None, "FINISHED", 1.0, steps, {}, {}, {}, [])
+    for section, name, what in ((report._validation(record), "validate",
+                                 "its validation report"),
+                                (report._split(record, "binary"), "split", "the split's sizes")):
+        assert (f"{name} was reused: its output was made by run abc123, which is not in this "
+                "tracking store (a run of another store, or one deleted since), so this page "
+                f"cannot show {what}; that run's own page has it (trainpipe report abc123 "
+                "tracking.uri=ITS_STORE)") in " ".join(section.split()).replace("&#x27;", "'")
+    assert "cached from run <code class=id>abc123</code> (not in this tracking store)" in (
+        report._steps(record))
