@@ -171,17 +171,17 @@ def cell(row: int, col: str, value) -> Callable[[pd.DataFrame], pd.DataFrame]:
 
 CASES = [
     Case("out_of_range", set_cell(4, "arrival_month", 13), 3,
-         ["arrival_month · less_than_or_equal_to(12) · 1 row · e.g. row 4: 13"]),
+         ["arrival_month · less_than_or_equal_to(12) · 1 row · e.g. row 5: 13"]),
     Case("negative", set_cell(2, "no_of_adults", -1), 3,
-         ["no_of_adults", "greater_than_or_equal_to(0)", "row 2: -1"]),
+         ["no_of_adults", "greater_than_or_equal_to(0)", "row 3: -1"]),
     Case("outside_allowed_set", set_cell(7, "repeated_guest", 2), 3,
-         ["repeated_guest", "isin([0, 1])", "row 7: 2"]),
+         ["repeated_guest", "isin([0, 1])", "row 8: 2"]),
     Case("string_in_numeric", set_cell(1, "lead_time", "soon"), 3,
-         ["lead_time", "wrong type", "row 1: 'soon'"]),
+         ["lead_time", "wrong type", "row 2: 'soon'"]),
     Case("null_not_nullable", set_cell(3, "avg_price_per_room", None), 3,
-         ["avg_price_per_room", "missing values (not nullable)", "row 3"]),
+         ["avg_price_per_room", "missing values (not nullable)", "row 4: None"]),
     Case("not_whole_number", set_cell(6, "no_of_adults", 2.5), 3,
-         ["no_of_adults", "not whole numbers", "row 6: 2.5"]),
+         ["no_of_adults", "not whole numbers", "row 7: 2.5"]),
     Case("missing_column", csv(drop("lead_time")), 3, ["lead_time", "column is missing"]),
     Case("extra_column_strict", csv(lambda df: df.assign(colour="red")), 3,
          ["colour", "not in the dataset config (strict: true)"]),
@@ -195,7 +195,7 @@ CASES = [
          ["line 1 has no commas but 18 ';'", "';'-delimited"]),
     Case("not_utf8", raw_bytes(good().to_csv(index=False).encode().replace(
         b"\n5,", b"\n5\xe9,", 1)), 3, ["line 7: bytes that are not UTF-8", "save the file as"]),
-    Case("duplicate_ids", set_cell(11, "id", 10), 3, ["id", "duplicate values", "row 11: 10"]),
+    Case("duplicate_ids", set_cell(11, "id", 10), 3, ["id", "duplicate values", "row 12: 10"]),
     Case("single_class", csv(lambda df: df.assign(booking_status=0)), 3,
          ["booking_status · the target has a single class (0)"]),
     Case("all_null_column", csv(lambda df: df.assign(avg_price_per_room=None)), 3,
@@ -205,12 +205,12 @@ CASES = [
          ["avg_price_per_room · every value is missing · 300 rows"],
          absent=["not nullable"]),  # one cause, one line
     Case("inf_value", set_cell(8, "avg_price_per_room", np.inf), 3,
-         ["avg_price_per_room · finite · 1 row · e.g. row 8: inf"],
+         ["avg_price_per_room · finite · 1 row · e.g. row 9: inf"],
          absent=["less_than_or_equal_to"]),  # one cause, one line
     Case("out_of_range_in_a_column_with_a_null",
          csv(lambda df: df.assign(arrival_month=df.arrival_month.where(df.index != 6))
              .assign(arrival_month=lambda d: d.arrival_month.where(d.index != 4, 13))), 3,
-         ["arrival_month · less_than_or_equal_to(12) · 1 row · e.g. row 4: 13\n",
+         ["arrival_month · less_than_or_equal_to(12) · 1 row · e.g. row 5: 13\n",
           "arrival_month · missing values (not nullable) · 1 row"]),
     Case("parquet_wrong_types", parquet(lambda df: df.assign(
         lead_time=df["lead_time"].astype(str).str.replace("1", "one"))), 3,
@@ -306,27 +306,27 @@ CASES = [
     Case("bool_typo", mini(cell(5, "member", "Flase")), 3,
          ["mini.csv · member · values of the wrong type (bool): not one of true_values "
           "['true', '1', 'yes'] or false_values ['false', '0', 'no'] · 1 row · "
-          "e.g. row 5: 'Flase'"]),
+          "e.g. row 6: 'Flase'"]),
     Case("bool_outside_configured_spellings", mini(yaml=("columns:", "true_values: [Y]\n"
                                                           "false_values: [N]\ncolumns:")), 3,
          ["member · values of the wrong type (bool): not one of true_values ['Y'] or "
-          "false_values ['N'] · 40 rows · e.g. row 0: 'no', row 1: 'yes'"]),
+          "false_values ['N'] · 40 rows · e.g. row 1: 'no', row 2: 'yes'"]),
     Case("na_token_not_declared_missing", mini(cell(3, "score", "N/A")), 3,
          ["score · values of the wrong type (float); if 'N/A' means missing, list it in "
-          "dataset.na_values · 1 row · e.g. row 3: 'N/A'"]),
+          "dataset.na_values · 1 row · e.g. row 4: 'N/A'"]),
     Case("leading_zero_lost", mini(cell(4, "code", "1001")), 3,
-         ["code · isin(['01001', '02002']) · 1 row · e.g. row 4: '1001'"]),
+         ["code · isin(['01001', '02002']) · 1 row · e.g. row 5: '1001'"]),
     Case("int_overflow", set_cell(3, "lead_time", "1e30"), 3,
          ["lead_time · whole numbers outside the int64 range (type: int) · 1 row · "
-          "e.g. row 3: '1e30'"], absent=["-9223372036854775808", "greater_than"]),
+          "e.g. row 4: '1e30'"], absent=["-9223372036854775808", "greater_than"]),
     Case("int_beyond_int64_by_one", set_cell(3, "lead_time", "9223372036854775808"), 3,
          ["lead_time · whole numbers outside the int64 range (type: int) · 1 row · "
-          "e.g. row 3: 9223372036854775808"], absent=["greater_than", "less_than"]),
+          "e.g. row 4: 9223372036854775808"], absent=["greater_than", "less_than"]),
     Case("dayfirst_dates_without_format",
          mini(lambda df: df.assign(joined=[f"{d:02d}/01/2024" for d in range(1, 41)])), 3,
          ["joined · values of the wrong type (datetime): not dates in the format ISO 8601 "
           "(2024-01-31); set the column's format, e.g. format: '%d/%m/%Y' · 40 rows · "
-          "e.g. row 0: '01/01/2024', row 1: '02/01/2024'"]),
+          "e.g. row 1: '01/01/2024', row 2: '02/01/2024'"]),
     Case("date_not_in_format", mini(cell(2, "joined", "2024-01-03"),
                                     yaml=("{type: datetime}",
                                           "{type: datetime, format: '%Y-%m-%d %H:%M'}")), 3,
@@ -334,7 +334,7 @@ CASES = [
           "'%Y-%m-%d %H:%M' · 40 rows"]),
     Case("parquet_list_column", parquet(lambda df: df.assign(lead_time=[[1, 2]] * len(df))), 3,
          ["bad.parquet · lead_time · values of the wrong type (int) · 300 rows · "
-          "e.g. row 0: [1, 2], row 1: [1, 2]"]),
+          "e.g. row 1: [1, 2], row 2: [1, 2]"]),
     Case("yaml_unknown_dataset_key", dataset_yaml(("id_column: id", "id_colum: id")), 2,
          ["dataset has unknown key(s) ['id_colum'] ('id_colum': did you mean 'id_column'?)"]),
     Case("yaml_misspelt_column_key", dataset_yaml(("{type: float, min: 0, max: 10000}",
@@ -373,7 +373,7 @@ CASES = [
           "20 rows of each class"], extra=["split.val_size=0.05", "split.test_size=0.05"]),
     Case("nullable_target_with_nulls", set_cell(3, "booking_status", None), 3,
          ["booking_status · missing values (the target needs a value in every row) · 1 row · "
-          "e.g. row 3: None"], extra=["+dataset.columns.booking_status.nullable=true"]),
+          "e.g. row 4: None"], extra=["+dataset.columns.booking_status.nullable=true"]),
 ]
 
 
@@ -472,5 +472,5 @@ def test_a_huge_cell_in_a_failure_is_shown_cut_and_quickly(tmp_path, empty_store
                              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 3, result.stderr[-2000:]
-    assert "lead_time" in result.stderr and "row 3: 'xxxxxxxx" in result.stderr
+    assert "lead_time" in result.stderr and "row 4: 'xxxxxxxx" in result.stderr
     assert "x" * 100 not in result.stderr and "…" in result.stderr

@@ -143,7 +143,7 @@ def test_invalid_data_exits_3_and_publishes_nothing(workdir):
     df.to_csv(raw / "train.csv", index=False)
     result = trainpipe("run", cwd=workdir)
     assert result.returncode == 3
-    assert "arrival_month" in result.stderr and "row 4: 13" in result.stderr
+    assert "arrival_month" in result.stderr and "row 5: 13" in result.stderr
     assert "avg_price_per_room" in result.stderr and "2 rows" in result.stderr
     assert not (workdir / "lake/landing").exists()
     all_runs = runs(workdir)

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.conftest import compose
+from tests.conftest import compose, trainpipe
 from trainpipe.config import expand_sweeps, split_overrides
 from trainpipe.errors import ConfigError
 
@@ -115,7 +115,7 @@ def test_a_composed_config_is_kept_and_the_same_without_hydra(tmp_path, monkeypa
 def test_a_kept_config_follows_its_files_and_the_environment(task_config, tmp_path,
                                                              monkeypatch):
     """An edited dataset file is composed again; environment variables are read each time
-    (the kept config holds `${oc.env:...}`, not its value)."""
+    (the kept config holds `${env_or:...}`, not its value)."""
     from trainpipe import config
 
     monkeypatch.setattr(config, "COMPOSED", tmp_path / "composed")
@@ -130,3 +130,28 @@ def test_a_kept_config_follows_its_files_and_the_environment(task_config, tmp_pa
     assert compose().tracking.uri == "sqlite:///one.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///two.db")
     assert compose().tracking.uri == "sqlite:///two.db"
+
+
+def test_an_empty_mlflow_tracking_uri_means_unset(tmp_path, monkeypatch):
+    """`MLFLOW_TRACKING_URI=` is no URI: the default applies, as MLflow reads it, for the
+    local store and the server alike; the kept config still holds the variable, not its
+    value, so a later run reads it again."""
+    import json
+
+    from trainpipe import config
+
+    monkeypatch.setattr(config, "COMPOSED", tmp_path / "composed")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    assert compose().tracking.uri == "sqlite:///mlflow.db"
+    assert compose("tracking=server").tracking.uri == "http://127.0.0.1:5000"
+    kept = [json.loads(p.read_text()) for p in (tmp_path / "composed").glob("*.json")]
+    assert len(kept) == 2 and all("MLFLOW_TRACKING_URI" in k["tracking"]["uri"] for k in kept)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///set.db")
+    assert compose().tracking.uri == compose("tracking=server").tracking.uri == (
+        "sqlite:///set.db")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert compose().tracking.uri == "sqlite:///mlflow.db"
+    # what a user sees (it said: tracking.uri='': must be an MLflow tracking URI ...)
+    shown = trainpipe("run", "--cfg", "job", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
+    assert shown.returncode == 0, shown.stderr
+    assert "tracking:\n  uri: sqlite:///mlflow.db\n" in shown.stdout

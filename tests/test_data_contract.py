@@ -83,7 +83,8 @@ def test_only_declared_spellings_are_missing(tmp_path):
     conf = people(tmp_path, yaml=PEOPLE_YAML.replace("na_values: ['', 'N/A']\n", ""))
     cfg = compose("dataset=people", "validate.target_classes=false", config_dir=conf)
     with pytest.raises(Exception, match=r"score · values of the wrong type \(float\); if 'N/A' "
-                       r"means missing, list it in dataset\.na_values · 1 row · e\.g\. row 1"):
+                       r"means missing, list it in dataset\.na_values · 1 row · "
+                       r"e\.g\. row 2: 'N/A'"):
         run_through(cfg, "validate")
 
 
@@ -105,7 +106,24 @@ def test_parquet_columns_keep_their_types_and_get_the_same_checks(tmp_path):
     cfg = compose("dataset=people", "validate.target_classes=false",
                   f"dataset.source={tmp_path / 'bad.parquet'}", config_dir=conf)
     with pytest.raises(Exception, match=r"visits · values are not whole numbers \(type: int\) "
-                       r"· 1 row · e\.g\. row 0: 3\.5"):
+                       r"· 1 row · e\.g\. row 1: 3\.5"):
+        run_through(cfg, "validate")
+
+
+def test_rows_of_a_parquet_file_are_numbered_by_their_place_in_it(tmp_path):
+    """A Parquet file written from a slice keeps the slice's index: the failing row is still
+    named by its place in the file, from 1."""
+    frame = pd.DataFrame({
+        "id": np.arange(6), "region": ["NA", "EU", "AS", "NA", "EU", "AS"],
+        "code": ["01001"] * 6, "member": [True, False] * 3,
+        "joined": [date(2024, 1, 31)] * 6, "score": [1.5] * 6,
+        "visits": [3.0, 4.0, 5.0, 3.5, 6.0, 7.0], "label": [0, 1] * 3})
+    frame.iloc[2:].to_parquet(tmp_path / "tail.parquet")  # its index: 2 to 5
+    conf = people(tmp_path)
+    cfg = compose("dataset=people", "validate.target_classes=false",
+                  f"dataset.source={tmp_path / 'tail.parquet'}", config_dir=conf)
+    with pytest.raises(Exception, match=r"visits · values are not whole numbers \(type: int\) "
+                       r"· 1 row · e\.g\. row 2: 3\.5$"):
         run_through(cfg, "validate")
 
 

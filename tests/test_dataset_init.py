@@ -254,7 +254,7 @@ def test_data_breaking_trainpipes_rules_is_reported_and_the_file_kept(workdir):
     message = " ".join(result.stderr.split())
     assert ("invalid data: the table breaks the dataset file as written, and `trainpipe run` "
             "would stop at validation:") in message
-    for words in ("x · finite · 1 row · e.g. row 1: inf", "empty · every value is missing",
+    for words in ("x · finite · 1 row · e.g. row 2: inf", "empty · every value is missing",
                   "label · missing values (the target needs a value in every row) · 1 row"):
         assert words in message
     assert (workdir / "conf" / "dataset" / "bad.yaml").exists()

@@ -182,12 +182,14 @@ def test_invalid_rows_anywhere_stop_it_with_one_report_and_no_output(trained, tm
                                       str(bad), "--output", str(output), *trained["overrides"]])
     assert result.exit_code == 3, result.output
     text = " ".join(result.output.split())
-    assert "invalid data: data validation failed:" in text
-    assert (f"{bad} · id · duplicate values (must be unique) · 2 rows · e.g. row 10: "
-            f"{rows.loc[10, 'id']}, row 290: {rows.loc[10, 'id']}") in text
-    assert f"{bad} · lead_time · greater_than_or_equal_to(0) · 1 row · e.g. row 20: -1" in text
-    assert (f"{bad} · arrival_month · less_than_or_equal_to(12) · 2 rows · e.g. row 130: 13, "
-            "row 250: 14") in text
+    head = "data validation failed (rows numbered from 1, the header line not counted):"
+    assert f"invalid data: {head}" in text
+    # rows as a user counts them in the file (the frame's 10, 290, 20, 130 and 250)
+    assert (f"{bad} · id · duplicate values (must be unique) · 2 rows · e.g. row 11: "
+            f"{rows.loc[10, 'id']}, row 291: {rows.loc[10, 'id']}") in text
+    assert f"{bad} · lead_time · greater_than_or_equal_to(0) · 1 row · e.g. row 21: -1" in text
+    assert (f"{bad} · arrival_month · less_than_or_equal_to(12) · 2 rows · e.g. row 131: 13, "
+            "row 251: 14") in text
     assert "full report: " in text and "validation_report.json" in text
     assert output.read_bytes() == b"the previous predictions"  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "out.parquet"]
@@ -201,7 +203,7 @@ def test_invalid_rows_anywhere_stop_it_with_one_report_and_no_output(trained, tm
 
     table = ingest.to_table(lake.read_source(str(bad)))
     _, failures, _, _ = validate._check(compose(), table, with_target=False)
-    lines = result.output.split("data validation failed:\n")[1].split("full report")[0]
+    lines = result.output.split(f"{head}\n")[1].split("full report")[0]
     whole = validate.to_terminal(failures).split("\n", 1)[1]
     assert sorted(lines.splitlines()) == sorted(whole.splitlines())
 
@@ -217,7 +219,7 @@ def test_repeated_ids_in_a_parquet_file_are_found_across_chunks(trained, tmp_pat
     value = rows.loc[10, "id"]
     assert str(caught.value).splitlines()[1:] == [
         f"  {tmp_path / 'in.parquet'} · id · duplicate values (must be unique) · 3 rows · "
-        f"e.g. row 10: {value}, row 150: {value}, row 290: {value}"]
+        f"e.g. row 11: {value}, row 151: {value}, row 291: {value}"]
     assert not (tmp_path / "out.csv").exists()
 
 

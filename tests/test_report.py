@@ -262,6 +262,35 @@ def test_a_run_that_reuses_steps_says_which_run_made_them(finished):
            "tracking.experiment=again" in text
 
 
+def test_a_run_in_another_store_says_what_it_cannot_show_of_reused_steps(finished):
+    """The lake's outputs were made by a run of one store; a run tracked in another store
+    reuses them. Its page says, where the records of the run that made them would be, that
+    this store does not hold that run (it said "no validation report recorded (validate:
+    cached)" and left the split out)."""
+    workdir, _, _, first = finished
+    result = trainpipe("run", *FAST, "tracking.uri=sqlite:///other.db", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'other.db'}")
+    [parent] = client.search_runs([client.get_experiment_by_name("trainpipe").experiment_id],
+                                  "tags.`trainpipe.kind` = 'pipeline'")
+    page = logged_page(client, parent)
+    made_by = first.info.run_id
+    steps = Marks(page).marks["data-step"]
+    for name in ("validate", "split", "features"):
+        assert steps[name].startswith(f"{name} CACHED"), steps[name]
+        assert f"cached from run {made_by} (not in this tracking store)" in steps[name]
+    text = shown(page)
+    said = (f"{{}} was reused: its output was made by run {made_by}, which is not in this "
+            "tracking store (a run of another store, or one deleted since), so this page "
+            f"cannot show {{}}; that run's own page has it (trainpipe report {made_by} "
+            "tracking.uri=ITS_STORE)")
+    assert said.format("validate", "its validation report") in text
+    assert said.format("split", "the split's sizes") in text
+    assert "no validation report recorded" not in text
+    # what its own steps made is there
+    assert "data-metric" in page and "data:image/png;base64," in page
+
+
 def test_a_run_stopped_by_validation_has_a_page_with_the_failures(workdir, monkeypatch):
     secret = "s3cr3t-in-a-cell-0042"
     df = demo.hotel_bookings(rows=500, seed=3)
@@ -278,10 +307,13 @@ def test_a_run_stopped_by_validation_has_a_page_with_the_failures(workdir, monke
     assert_self_contained(page)
     text = shown(page)
     assert "hotel_bookings · random_forest FAILED" in text
-    assert "Why it failed data validation failed:" in text
+    assert ("Why it failed data validation failed (rows numbered from 1, the header line not "
+            "counted):") in text
     assert "FAILED: 2 check(s) broken; nothing was published" in text
-    assert re.search(r"no_of_adults less_than_or_equal_to\(10\) 2 row 7: 99; row 9: 99", text)
-    assert re.search(r"no_of_adults values of the wrong type \(int\) 1 row 11: '\*\*\*'", text)
+    # rows as a user counts them in the file (the frame's 7, 9 and 11)
+    assert re.search(r"no_of_adults less_than_or_equal_to\(10\) 2 row 8: 99; row 10: 99", text)
+    assert re.search(r"no_of_adults values of the wrong type \(int\) 1 row 12: '\*\*\*'", text)
+    assert "example rows are numbered from 1, the header line not counted" in text
     steps = Marks(page).marks["data-step"]
     assert steps["ingest"].startswith("ingest FINISHED")
     assert steps["validate"].startswith("validate FAILED")

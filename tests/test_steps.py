@@ -1,5 +1,7 @@
 """Each step is a plain function: values in, values and a Report out."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -56,10 +58,21 @@ def test_validate_rejects_bad_data_naming_column_and_rows(hotel, tmp_path):
     cfg = compose(f"dataset.source={bad}")
     with pytest.raises(DataValidationError) as info:
         run_through(cfg, "validate")
-    message = str(info.value)
-    assert "no_of_adults" in message and "less_than_or_equal_to(10)" in message
-    assert "2 rows" in message and "row 7: 99" in message
-    assert info.value.report.artifacts["validation_report.json"]
+    # what the user sees: rows as a user counts them in the file (they were 7 and 9)
+    assert str(info.value) == (
+        "data validation failed (rows numbered from 1, the header line not counted):\n"
+        f"  {bad} · no_of_adults · less_than_or_equal_to(10) · 2 rows · e.g. row 8: 99, "
+        "row 10: 99")
+    lines = bad.read_text().splitlines()
+    column = lines[0].split(",").index("no_of_adults")
+    assert [lines[n].split(",")[column] for n in (8, 10)] == ["99", "99"]  # line row + 1
+    report = json.loads(info.value.report.artifacts["validation_report.json"])
+    assert report["first_row"] == 1
+    assert [x["row"] for x in report["failures"][0]["examples"]] == [8, 10]
+    assert ("Example rows numbered from 1, the header line not counted."
+            in info.value.report.artifacts["validation_report.md"].decode())
+    assert "| no_of_adults | less_than_or_equal_to(10) | 2 | row 8: 99; row 10: 99 |" in (
+        info.value.report.artifacts["validation_report.md"].decode())
 
 
 def test_split_is_seeded_stratified_and_sized(hotel):

@@ -25,7 +25,15 @@ def _by_task(task: str, classification: str, regression: str) -> str:
     return regression if task == "regression" else classification
 
 
+def _env_or(name: str, default: str) -> str:
+    """`${env_or:NAME,default}`: the environment variable NAME, or `default` when it is
+    unset or empty. An empty MLFLOW_TRACKING_URI means unset, as MLflow reads it (Hydra's
+    `oc.env` would give the empty string). Not cached: read each time a config resolves."""
+    return os.environ.get(name) or default
+
+
 OmegaConf.register_new_resolver("by_task", _by_task, replace=True)
+OmegaConf.register_new_resolver("env_or", _env_or, replace=True)
 
 
 def split_overrides(args: list[str]) -> list[str]:

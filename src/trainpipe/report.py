@@ -33,6 +33,8 @@ SECONDS = "trainpipe.seconds"  # on a step run and the parent: its time, as the 
 # measured it
 ERROR = "trainpipe.error"  # on the parent run: why it failed or stopped
 REUSED = "trainpipe.reused."  # + step, on the parent run: "fingerprint F, made by run R"
+# on the parent run, without trainpipe.git_commit: why none (tracking._git_tags)
+NO_COMMIT = "trainpipe.git_no_commit"
 # The plots in the order the page shows them; any other PNG of the evaluate run follows.
 PLOTS = ("roc_curve.png", "precision_recall_curve.png", "calibration.png",
          "confusion_matrix.png", "predicted_vs_actual.png", "residuals.png",
@@ -52,6 +54,18 @@ class StepView:
     run_id: str | None = None  # its run under this pipeline run
     made_by: str | None = None  # reused: the pipeline run that made its output
     record: Any = None  # the step run whose records the page shows (its own or the maker's)
+    elsewhere: bool = False  # reused, and this store does not hold the run that made it
+
+    def not_here(self, what: str) -> str:
+        """For a section whose records are those of a run the store does not hold: a note
+        that says so (else "")."""
+        if not self.elsewhere:
+            return ""
+        return (f"<p class=note>{e(self.name)} was reused: its output was made by run "
+                f"{e(self.made_by)}, which is not in this tracking store (a run of another "
+                f"store, or one deleted since), so this page cannot show {e(what)}; that "
+                f"run's own page has it (trainpipe report {e(self.made_by)} "
+                "tracking.uri=ITS_STORE)</p>")
 
 
 @dataclass
@@ -129,7 +143,8 @@ def _step_views(client, parent, status: str | None) -> list[StepView]:
     none. `status`: the run's final state, which its open step runs are about to take."""
     tags = parent.data.tags
     children = _step_runs(client, parent)
-    makers: dict[str | None, dict[str, Any]] = {None: {}}  # pipeline run -> its step runs
+    # pipeline run -> its step runs (None: the store does not hold it)
+    makers: dict[str | None, dict[str, Any] | None] = {None: {}}
     views = []
     for name in [s for s in tags.get("trainpipe.steps", "").split(",") if s]:
         run = children.get(name)
@@ -145,8 +160,9 @@ def _step_views(client, parent, status: str | None) -> list[StepView]:
             fingerprint, made_by = _reused(tags[REUSED + name])
             if made_by not in makers:
                 makers[made_by] = _maker_steps(client, made_by)
+            maker = makers[made_by]
             views.append(StepView(name, "CACHED", 0.0, "reused", fingerprint, made_by=made_by,
-                                  record=makers[made_by].get(name)))
+                                  record=(maker or {}).get(name), elsewhere=maker is None))
         else:
             views.append(StepView(name, "NOT RUN"))
     # A step that stores nothing (ingest) has no tag when reused; steps run in order, so one
@@ -196,14 +212,16 @@ def _step_runs(client, parent) -> dict[str, Any]:
     return {r.data.tags["trainpipe.step"]: r for r in runs if "trainpipe.step" in r.data.tags}
 
 
-def _maker_steps(client, run_id: str) -> dict[str, Any]:
-    """The step runs of the pipeline run that made a reused output ({} when it is gone)."""
+def _maker_steps(client, run_id: str) -> dict[str, Any] | None:
+    """The step runs of the pipeline run that made a reused output; None when the store does
+    not hold that run (the lake's output was made by a run tracked in another store, or the
+    run was deleted)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return _step_runs(client, client.get_run(run_id))
     except MlflowException:
-        return {}
+        return None
 
 
 def _reused(tag: str) -> tuple[str, str | None]:
@@ -418,6 +436,8 @@ def _steps(r: Record) -> str:
         status = s.status.lower().replace(" ", "-")
         run = (f"<code class=id>{e(s.run_id)}</code>" if s.run_id else
                f"cached from run <code class=id>{e(s.made_by)}</code>" if s.made_by else "")
+        if s.elsewhere:
+            run += " (not in this tracking store)"
         rows.append(f"<tr{_data('step', s.name)}><td class=name>{e(s.name)}</td>"
                     f"<td><span class='badge {e(status)}'>{e(s.status)}</span></td>"
                     f"<td class=num>{e(duration(s.seconds))}</td><td>{e(s.summary)}</td>"
@@ -430,6 +450,8 @@ def _validation(r: Record) -> str:
     report = r.json("validate", "validation_report.json")
     view = r.step("validate")
     if report is None:
+        if view is not None and view.elsewhere:
+            return _section("validation", "Validation", view.not_here("its validation report"))
         said = ("validate did not run in this pipeline run" if view is None
                 else f"no validation report recorded (validate: {view.status.lower()})")
         return _section("validation", "Validation", f"<p class=note>{e(said)}</p>")
@@ -439,16 +461,20 @@ def _validation(r: Record) -> str:
                      f"{src.get('rows', 0):,} rows</p>")
     if report.get("failures"):
         rows = []
+        # rows from 1, the header not counted (a report made before it said so: from 0)
+        shift = 1 - report.get("first_row", 0)
         for f in report["failures"]:
             examples = "; ".join(
-                f"row {x['row']}: {x['value']!r}" if x.get("row") is not None
+                f"row {x['row'] + shift}: {x['value']!r}" if x.get("row") is not None
                 else repr(x.get("value")) for x in f.get("examples", []))
             rows.append(f"<tr><td><code>{e(f.get('column') or '(table)')}</code></td>"
                         f"<td>{e(f.get('message'))}</td><td class=num>{f.get('rows', 0):,}</td>"
                         f"<td><code>{e(examples)}</code></td><td>{e(f.get('source'))}</td></tr>")
         verdict = (f"<p class='verdict failed'>FAILED: {len(report['failures'])} "
                    f"check(s) broken; nothing was published</p>")
-        parts += [verdict, _table(["column", "check", "rows", "examples", "file"], rows)]
+        parts += [verdict, _table(["column", "check", "rows", "examples", "file"], rows),
+                  "<p class=note>example rows are numbered from 1, the header line not "
+                  "counted</p>"]
     else:
         parts.append("<p class='verdict passed'>passed: every row holds to the dataset's "
                      "contract</p>")
@@ -473,6 +499,8 @@ def _validation(r: Record) -> str:
 
 def _split(r: Record, task: str) -> str:
     view = r.step("split")
+    if view is not None and view.elsewhere:
+        return _section("split", "Split", view.not_here("the split's sizes"))
     if view is None or view.record is None:
         return ""
     metrics = view.record.data.metrics
@@ -509,7 +537,9 @@ def _split(r: Record, task: str) -> str:
 def _metrics(r: Record, task: str) -> str:
     names = sorted({k.split("_", 1)[1] for k in r.metrics if k.startswith(("val_", "test_"))})
     gate = r.json("register", "gate_report.json")
-    if not names and gate is None:
+    register = r.step("register")
+    away = register.not_here("the registry gate's report") if register else ""
+    if not names and gate is None and not away:
         return ""
     primary = PRIMARY.get(task)
     names.sort(key=lambda n: (n != primary, COUNTS.index(n) + 1 if n in COUNTS else 0, n))
@@ -539,7 +569,7 @@ def _metrics(r: Record, task: str) -> str:
                      f"{e(gate.get('champion_before') or 'none')}, after: "
                      f"{e(gate.get('champion_after') or 'none')}; both scored on the same "
                      f"{gate.get('test_rows', 0):,} test rows</p>")
-    return _section("metrics", "Metrics", "".join(parts))
+    return _section("metrics", "Metrics", "".join(parts) + away)
 
 
 def _plots(r: Record) -> str:
@@ -555,6 +585,8 @@ def _plots(r: Record) -> str:
         view = r.step("evaluate")
         if view is None or view.status in ("NOT RUN", "FAILED", "KILLED"):
             return ""  # the steps table says why
+        if view.elsewhere:
+            return _section("plots", "Plots", view.not_here("its plots"))
         return _section("plots", "Plots", f"<p class=note>no plots recorded (evaluate: "
                         f"{e(view.status.lower())}; evaluate.plots="
                         f"{e(r.params.get('evaluate.plots'))})</p>")
@@ -576,9 +608,7 @@ def _lineage(r: Record) -> str:
     if rows:
         parts.append("<h3>Step fingerprints</h3>" + _table(["step", "fingerprint", "output"],
                                                            rows))
-    code = [("trainpipe", r.tags.get("trainpipe.version")),
-            ("git commit", r.tags.get("trainpipe.git_commit", "not run from a git checkout")
-             + (" (uncommitted changes)" if r.tags.get("trainpipe.git_dirty") == "true" else "")),
+    code = [("trainpipe", r.tags.get("trainpipe.version")), ("git commit", _commit(r.tags)),
             ("python", r.environment.get("python")), ("platform", r.environment.get("platform"))]
     code += sorted((p, v or "not installed")
                    for p, v in r.environment.get("packages", {}).items())
@@ -596,6 +626,16 @@ def _lineage(r: Record) -> str:
         parts.append(f"<details><summary>config.yaml (the resolved config)</summary>"
                      f"<pre>{e(r.config_yaml)}</pre></details>")
     return _section("lineage", "Lineage", "".join(parts))
+
+
+def _commit(tags: dict[str, str]) -> str:
+    """The run's git commit, or that none was recorded and why, when the run says why
+    (tracking._git_tags: not a git checkout, no commit yet, no git, git's error)."""
+    if "trainpipe.git_commit" in tags:
+        dirty = tags.get("trainpipe.git_dirty") == "true"
+        return tags["trainpipe.git_commit"] + (" (uncommitted changes)" if dirty else "")
+    why = tags.get(NO_COMMIT)
+    return f"no git commit recorded ({why})" if why else "no git commit recorded"
 
 
 def _section(key: str, title: str, content: str) -> str:

@@ -437,19 +437,37 @@ def _alive(pid: int) -> bool:
 
 
 def _git_tags() -> dict[str, str]:
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
+    """The working folder's git commit (and whether the checkout had uncommitted changes);
+    without one, `trainpipe.git_no_commit` says why: not a git checkout, no commit yet,
+    no git, or git's own error."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        # LC_ALL=C: git's messages in English, to tell "not a git repository" apart
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              env={**os.environ, "LC_ALL": "C"})
 
-    commit = git("rev-parse", "HEAD")
-    if not commit:
-        return {}
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"mlflow.source.git.commit": commit, "trainpipe.git_commit": commit,
-            "trainpipe.git_dirty": str(dirty).lower()}
+    try:
+        head = git("rev-parse", "--verify", "HEAD")
+        if head.returncode == 0:
+            dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+            commit = head.stdout.strip()
+            return {"mlflow.source.git.commit": commit, "trainpipe.git_commit": commit,
+                    "trainpipe.git_dirty": str(bool(dirty)).lower()}
+    except FileNotFoundError:
+        why = "git was not found"
+    except subprocess.TimeoutExpired:
+        why = "git did not answer within 5 s"
+    except (OSError, subprocess.SubprocessError) as exc:
+        why = f"git could not be run: {exc}"
+    else:
+        said = head.stderr.strip()
+        if "not a git repository (or any" in said:
+            why = "the working folder was not a git checkout"
+        elif "Needed a single revision" in said:
+            why = "the git checkout had no commit yet"
+        else:
+            why = "git failed: " + (said.splitlines()[0].removeprefix("fatal: ") if said
+                                    else f"exit code {head.returncode}")
+    return {"trainpipe.git_no_commit": shorten(why, 300)}
 
 
 # The embedded store: an SQLite file made whole or not at all, and its failures in words.

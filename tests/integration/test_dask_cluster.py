@@ -139,8 +139,9 @@ def tables_of(moto, root: str, step: str, manifests: list[str]) -> dict[str, pd.
 
 def failure_lines(stderr: str) -> list[str]:
     """The lines of the validation report, each on one line (as the terminal wraps them)."""
-    assert "data validation failed:" in stderr, stderr
-    block = stderr.split("data validation failed:", 1)[1].split("full report")[0]
+    head = "data validation failed (rows numbered from 1, the header line not counted):"
+    assert head in stderr, stderr
+    block = stderr.split(head, 1)[1].split("full report")[0]
     return [" ".join(line.split()) for line in block.split("\n  ") if line.strip()]
 
 
@@ -199,9 +200,10 @@ def test_validation_failure_across_parts(dask_cluster, server, database, moto, a
     the exact counts over all rows and the rows' global numbers; exit 3 (as compute=local);
     nothing published; no run left RUNNING."""
     data = hotel(3000)
-    data.loc[5, "arrival_month"] = 13  # file 1, its row 5
-    data.loc[2010, "arrival_month"] = 13  # file 3, its row 10
-    data.loc[1020, "id"] = data.loc[30, "id"]  # file 2, its row 20, repeats file 1's row 30
+    # rows numbered from 1 over the files in order (the frame's 5, 2010, 1020 and 30)
+    data.loc[5, "arrival_month"] = 13  # file 1, its row 6
+    data.loc[2010, "arrival_month"] = 13  # file 3, its row 11
+    data.loc[1020, "id"] = data.loc[30, "id"]  # file 2, its row 21, repeats file 1's row 31
     repeated = int(data.loc[30, "id"])
     source = put_parts(moto, "invalid/raw/hotel_bookings/parts",
                        [data.iloc[:1000], data.iloc[1000:2000], data.iloc[2000:]])
@@ -212,10 +214,10 @@ def test_validation_failure_across_parts(dask_cluster, server, database, moto, a
     lines = failure_lines(result.stderr)
     assert len(lines) == 2, lines
     (month,) = [line for line in lines if " · arrival_month · " in line]
-    assert "less_than_or_equal_to(12) · 2 rows · e.g. row 5: 13, row 2010: 13" in month, lines
+    assert "less_than_or_equal_to(12) · 2 rows · e.g. row 6: 13, row 2011: 13" in month, lines
     (ids,) = [line for line in lines if " · id · " in line]
-    assert (f"duplicate values (must be unique) · 2 rows · e.g. row 30: {repeated}, "
-            f"row 1020: {repeated}") in ids, lines
+    assert (f"duplicate values (must be unique) · 2 rows · e.g. row 31: {repeated}, "
+            f"row 1021: {repeated}") in ids, lines
 
     assert s3_keys(moto, LAKE_BUCKET, "invalid/landing/") == []  # nothing published
     runs = runs_of(database, "invalid")

@@ -97,7 +97,7 @@ def test_predictions_on_the_stack(server, database, moto, aws_env, tmp_path):
                     f"s3://{LAKE_BUCKET}/pred/incoming/bad.csv", "--output",
                     f"s3://{LAKE_BUCKET}/pred/scored/bad.parquet", cwd=tmp_path, env=env)
     assert bad.returncode == 3, bad.stdout + bad.stderr
-    assert "arrival_month · less_than_or_equal_to(12) · 1 row · e.g. row 3: 13" in bad.stderr
+    assert "arrival_month · less_than_or_equal_to(12) · 1 row · e.g. row 4: 13" in bad.stderr
     assert s3_keys(moto, LAKE_BUCKET, "pred/scored/") == ["pred/scored/predictions.parquet"]
 
     # serve: MLflow's scoring server gets the model through the tracking server

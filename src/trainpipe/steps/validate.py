@@ -25,6 +25,12 @@ ZONE = "landing"
 OUTPUTS = {"validated": Table("train.parquet"), "scoring": Table("scoring.parquet", optional=True)}
 EXAMPLES = 5  # example failing values shown per column and check
 EXAMPLE_CHARS = 80  # characters of an example value shown
+# How example rows are numbered, for a user to find them in the file: the checks see a
+# frame's 0-based row numbers, the report shows (and records) them from 1, the header line
+# not counted. The number of a row of a source of several files runs on across them (in
+# name order). FIRST_ROW is recorded in the report (report.py reads older ones, from 0).
+FIRST_ROW = 1
+ROWS = "rows numbered from 1, the header line not counted"
 
 
 def run(cfg: DictConfig, raw: RawTable, raw_scoring: RawTable | None) -> tuple[dict, Report]:
@@ -37,6 +43,7 @@ def run(cfg: DictConfig, raw: RawTable, raw_scoring: RawTable | None) -> tuple[d
         failures += table_failures
         validated[role] = df
     report = {"dataset": dataset.name, "valid": not failures, "failures": failures,
+              "first_row": FIRST_ROW,
               "sources": {r: {"source": t.source, "digest": t.digest, "rows": rows[r]}
                           for r, t in tables.items()},
               "statistics": {r: s for r, s in stats.items() if s is not None}}
@@ -56,6 +63,8 @@ def _check(cfg: DictConfig, table: RawTable, with_target: bool):
     """The validated frame (or None), the list of failures (one per column and check), the
     column statistics and the number of rows."""
     df, source = table.df, table.source
+    if not df.index.equals(pd.RangeIndex(len(df))):  # a Parquet file may keep an index
+        df.index = pd.RangeIndex(len(df))  # rows are numbered by their place in the file
     too_few = _min_rows(cfg, source, len(df))
     if too_few:
         return None, too_few, None, len(df)
@@ -272,9 +281,13 @@ COLUMN_CHECKS = ("column_in_dataframe", "column_in_schema", "rows_per_class", "r
 
 
 def _failure(source, column, check, count, examples, message=None) -> dict:
+    """One failure; `examples` with the frame's 0-based row numbers, numbered from
+    FIRST_ROW here (every example passes here once)."""
     # An example is shown, never a whole cell: a 1 MB value is cut (and redacted) first.
     examples = [e | {"value": shorten(e["value"])} if isinstance(e.get("value"), str)
                 and len(e["value"]) > EXAMPLE_CHARS else e for e in examples]
+    examples = [e | {"row": e["row"] + FIRST_ROW} if e.get("row") is not None else e
+                for e in examples]
     return {"source": source, "column": column, "check": check, "rows": int(count),
             "examples": examples, "message": message or _describe(check)}
 
@@ -306,13 +319,10 @@ def _plain(value, as_int: bool = False):
 
 
 def to_terminal(failures: list[dict]) -> str:
-    lines = ["data validation failed:"]
+    lines = [f"data validation failed ({ROWS}):"]
     for f in failures:
         where = f"{f['column']}" if f["column"] is not None else "(table)"
-        examples = ", ".join(
-            f"row {e['row']}: {e['value']!r}" if e["row"] is not None else repr(e["value"])
-            for e in f["examples"]
-        )
+        examples = ", ".join(map(_example, f["examples"]))
         if f["check"] in COLUMN_CHECKS:  # the column is the culprit: no rows to count
             lines.append(f"  {f['source']} · {where} · {f['message']}")
             continue
@@ -320,6 +330,12 @@ def to_terminal(failures: list[dict]) -> str:
         lines.append(f"  {f['source']} · {where} · {f['message']} · {rows}"
                      + (f" · e.g. {examples}" if examples else ""))
     return "\n".join(lines)
+
+
+def _example(example: dict) -> str:
+    """`row 3: 13`, or the value alone when it is about no row (a missing column)."""
+    value = repr(example["value"])
+    return value if example.get("row") is None else f"row {example['row']}: {value}"
 
 
 def column_stats(df: pd.DataFrame, dataset: DictConfig, partial: bool = False) -> dict:
@@ -377,10 +393,10 @@ def to_markdown(report: dict) -> str:
         lines.append(f"- {role}: `{src['source']}` ({src['rows']:,} rows, sha256 "
                      f"`{src['digest'][:12]}`)")
     if report["failures"]:
-        lines += ["", "## Failures", "", "| source | column | check | rows | examples |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## Failures", "", f"Example {ROWS}.", "",
+                  "| source | column | check | rows | examples |", "|---|---|---|---|---|"]
         for f in report["failures"]:
-            ex = "; ".join(f"row {e['row']}: {e['value']!r}" for e in f["examples"])
+            ex = "; ".join(map(_example, f["examples"]))
             lines.append(f"| {f['source']} | {f['column']} | {f['message']} | {f['rows']} | "
                          f"{ex} |")
     for role, stats in report["statistics"].items():
