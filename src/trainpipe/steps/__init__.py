@@ -37,7 +37,9 @@ class Report:
             except BaseException as exc:  # noqa: BLE001 - raised where the report is recorded
                 future.set_exception(exc)
 
-        threading.Thread(target=work, name="trainpipe-later", daemon=True).start()
+        # Not a daemon: a failed run's exit waits for it (bounded work) rather than tearing
+        # down the interpreter under a thread inside matplotlib's C++ (a SIGABRT at exit).
+        threading.Thread(target=work, name="trainpipe-later").start()
         return replace(self, later=future)
 
     def finished(self) -> "Report":

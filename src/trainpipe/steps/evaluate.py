@@ -51,7 +51,9 @@ def warm_up() -> None:
     def work() -> None:
         import matplotlib.backends.backend_agg  # noqa: F401
 
-    threading.Thread(target=work, name="trainpipe-warm-up", daemon=True).start()
+    # Not a daemon: a run that fails early exits after the import, not during it (an
+    # interpreter torn down under a thread loading C++ extensions can abort).
+    threading.Thread(target=work, name="trainpipe-warm-up").start()
 
 
 def positive_class(dataset: DictConfig, classes) -> object:
