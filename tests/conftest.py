@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -93,13 +94,80 @@ def workdir(tmp_path, monkeypatch, request) -> Path:
     return tmp_path
 
 
+def write_demo_data(folder: Path) -> None:
+    """3,000 demo hotel rows at the default source of a lake in `folder`."""
+    raw = folder / "lake" / "raw" / "hotel_bookings"
+    raw.mkdir(parents=True)
+    demo.hotel_bookings(rows=3000, seed=1).to_csv(raw / "train.csv", index=False)
+
+
 @pytest.fixture
 def demo_lake(workdir) -> Path:
     """A lake whose raw zone holds 3,000 demo hotel rows at the default source."""
-    raw = workdir / "lake" / "raw" / "hotel_bookings"
-    raw.mkdir(parents=True)
-    demo.hotel_bookings(rows=3000, seed=1).to_csv(raw / "train.csv", index=False)
+    write_demo_data(workdir)
     return workdir
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The folder of a finished `trainpipe run *FAST` on the demo lake, what that run printed
+    and the ids MLflow gave it."""
+    folder: Path
+    stdout: str
+    run_id: str  # the pipeline (parent) run
+    model_uri: str
+
+
+@pytest.fixture(scope="session")
+def finished_template(tmp_path_factory, empty_store) -> tuple[Finished, Path]:
+    """One full run (`trainpipe run *FAST` on the demo lake, as a user types it), made once
+    per worker, and a pristine copy of its folder. The run happens in the folder every test
+    of `finished_lake` then works in: the store records absolute paths (artifacts), and the
+    train step's fingerprint names the store's absolute path, so a copy elsewhere would not
+    be the same finished run."""
+    base = tmp_path_factory.mktemp("finished")
+    folder, pristine = base / "work", base / "pristine"
+    folder.mkdir()
+    copy_store(empty_store, folder)
+    write_demo_data(folder)
+    result = trainpipe("run", *FAST, cwd=folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("trainpipe").experiment_id],
+        "tags.`trainpipe.kind` = 'pipeline'")
+    assert parent.info.status == "FINISHED"
+    forget_store_connections()
+    shutil.copytree(folder, pristine, symlinks=True)  # copy2: times too (source digests)
+    return Finished(folder, result.stdout, parent.info.run_id,
+                    parent.data.tags["trainpipe.model_uri"]), pristine
+
+
+def forget_store_connections() -> None:
+    """Close the SQLite connections MLflow keeps open in this process (one engine per store
+    URI, for its whole life): after a folder is put back from its copy, a kept connection
+    would still read the replaced file."""
+    from mlflow.store.model_registry.sqlalchemy_store import (
+        SqlAlchemyStore as RegistryStore,
+    )
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    for store in (TrackingStore, RegistryStore):
+        for engine in store._engine_map.values():
+            engine.dispose()
+
+
+@pytest.fixture
+def finished_lake(finished_template, monkeypatch) -> Finished:
+    """The working folder after a finished `trainpipe run *FAST` on the demo lake: lake,
+    store, artifacts and model. Every test gets it as the run left it (put back from the
+    pristine copy; always the same folder, see finished_template), and may change it."""
+    finished, pristine = finished_template
+    forget_store_connections()
+    shutil.rmtree(finished.folder)
+    shutil.copytree(pristine, finished.folder, symlinks=True)
+    monkeypatch.chdir(finished.folder)
+    return finished
 
 
 def trainpipe(*args: str, cwd: Path, env: dict | None = None, timeout: float = 240,
