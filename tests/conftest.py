@@ -7,7 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import closing
+from contextlib import chdir, closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +109,38 @@ def demo_lake(workdir) -> Path:
 
 
 @dataclass(frozen=True)
+class Kept:
+    """A working folder made once per worker and a pristine copy of it. `put_back()` makes
+    the folder as it was made again, in the same place: the store records absolute paths
+    (artifacts), and the train step's fingerprint names the store's absolute path, so a copy
+    elsewhere would not be the same folder. Tests using it run one after another in their
+    worker, each starting from `put_back()`."""
+    folder: Path
+    pristine: Path
+
+    def put_back(self, monkeypatch) -> Path:
+        forget_store_connections()
+        shutil.rmtree(self.folder)
+        shutil.copytree(self.pristine, self.folder, symlinks=True)
+        monkeypatch.chdir(self.folder)
+        return self.folder
+
+
+def keep(tmp_path_factory, empty_store, name: str, make) -> Kept:
+    """A working folder (an empty store, the demo lake) in which `make(folder)` ran once."""
+    base = tmp_path_factory.mktemp(name)
+    kept = Kept(base / "work", base / "pristine")
+    kept.folder.mkdir()
+    copy_store(empty_store, kept.folder)
+    write_demo_data(kept.folder)
+    with chdir(kept.folder):  # as a test would: MLflow puts artifacts under ./mlruns
+        make(kept.folder)
+    forget_store_connections()
+    shutil.copytree(kept.folder, kept.pristine, symlinks=True)  # copy2: times too
+    return kept
+
+
+@dataclass(frozen=True)
 class Finished:
     """The folder of a finished `trainpipe run *FAST` on the demo lake, what that run printed
     and the ids MLflow gave it."""
@@ -119,28 +151,24 @@ class Finished:
 
 
 @pytest.fixture(scope="session")
-def finished_template(tmp_path_factory, empty_store) -> tuple[Finished, Path]:
+def finished_template(tmp_path_factory, empty_store) -> tuple[Kept, Finished]:
     """One full run (`trainpipe run *FAST` on the demo lake, as a user types it), made once
-    per worker, and a pristine copy of its folder. The run happens in the folder every test
-    of `finished_lake` then works in: the store records absolute paths (artifacts), and the
-    train step's fingerprint names the store's absolute path, so a copy elsewhere would not
-    be the same finished run."""
-    base = tmp_path_factory.mktemp("finished")
-    folder, pristine = base / "work", base / "pristine"
-    folder.mkdir()
-    copy_store(empty_store, folder)
-    write_demo_data(folder)
-    result = trainpipe("run", *FAST, cwd=folder)
-    assert result.returncode == 0, result.stdout + result.stderr
-    client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    per worker."""
+    printed = []
+
+    def run(folder: Path) -> None:
+        result = trainpipe("run", *FAST, cwd=folder)
+        assert result.returncode == 0, result.stdout + result.stderr
+        printed.append(result.stdout)
+
+    kept = keep(tmp_path_factory, empty_store, "finished", run)
+    client = mlflow.MlflowClient(f"sqlite:///{kept.folder / 'mlflow.db'}")
     [parent] = client.search_runs(
         [client.get_experiment_by_name("trainpipe").experiment_id],
         "tags.`trainpipe.kind` = 'pipeline'")
     assert parent.info.status == "FINISHED"
-    forget_store_connections()
-    shutil.copytree(folder, pristine, symlinks=True)  # copy2: times too (source digests)
-    return Finished(folder, result.stdout, parent.info.run_id,
-                    parent.data.tags["trainpipe.model_uri"]), pristine
+    return kept, Finished(kept.folder, printed[0], parent.info.run_id,
+                          parent.data.tags["trainpipe.model_uri"])
 
 
 def forget_store_connections() -> None:
@@ -160,13 +188,10 @@ def forget_store_connections() -> None:
 @pytest.fixture
 def finished_lake(finished_template, monkeypatch) -> Finished:
     """The working folder after a finished `trainpipe run *FAST` on the demo lake: lake,
-    store, artifacts and model. Every test gets it as the run left it (put back from the
-    pristine copy; always the same folder, see finished_template), and may change it."""
-    finished, pristine = finished_template
-    forget_store_connections()
-    shutil.rmtree(finished.folder)
-    shutil.copytree(pristine, finished.folder, symlinks=True)
-    monkeypatch.chdir(finished.folder)
+    store, artifacts and model. Every test gets it as the run left it (see Kept), and may
+    change it."""
+    kept, finished = finished_template
+    kept.put_back(monkeypatch)
     return finished
 
 
