@@ -6,8 +6,10 @@ import sys
 import time
 
 import pytest
+from typer.testing import CliRunner
 
-from tests.conftest import runs, trainpipe
+from tests.conftest import runs
+from trainpipe.cli import app
 
 pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
 
@@ -47,14 +49,16 @@ def test_a_signal_during_train_ends_runs_killed(demo_lake, signals):
 
 
 def test_a_config_error_stops_before_any_run(demo_lake):
-    result = trainpipe("run", "model.params.max_depth=-5", cwd=demo_lake)
-    assert result.returncode == 2  # a config error, found before any step runs
+    # in-process (typer's runner, in the demo lake's folder): no process is stopped here
+    result = CliRunner().invoke(app, ["run", "model.params.max_depth=-5"])
+    assert result.exit_code == 2  # a config error, found before any step runs
     assert ("error: model.params: sklearn.ensemble.RandomForestClassifier refuses them: The "
-            "'max_depth' parameter of RandomForestClassifier must be" in result.stderr)
+            "'max_depth' parameter of RandomForestClassifier must be" in " ".join(
+                result.stderr.split()))
     assert "Traceback" not in result.stderr
     assert not (demo_lake / "mlflow.db").exists() or runs(demo_lake).empty
-    result = trainpipe("run", "+model.params.no_such_param=1", cwd=demo_lake)
-    assert result.returncode == 2
+    result = CliRunner().invoke(app, ["run", "+model.params.no_such_param=1"])
+    assert result.exit_code == 2
     assert "model.params" in result.stderr and "no_such_param" in result.stderr
 
 
