@@ -7,7 +7,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import closing
+from contextlib import chdir, closing
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -93,13 +94,105 @@ def workdir(tmp_path, monkeypatch, request) -> Path:
     return tmp_path
 
 
+def write_demo_data(folder: Path) -> None:
+    """3,000 demo hotel rows at the default source of a lake in `folder`."""
+    raw = folder / "lake" / "raw" / "hotel_bookings"
+    raw.mkdir(parents=True)
+    demo.hotel_bookings(rows=3000, seed=1).to_csv(raw / "train.csv", index=False)
+
+
 @pytest.fixture
 def demo_lake(workdir) -> Path:
     """A lake whose raw zone holds 3,000 demo hotel rows at the default source."""
-    raw = workdir / "lake" / "raw" / "hotel_bookings"
-    raw.mkdir(parents=True)
-    demo.hotel_bookings(rows=3000, seed=1).to_csv(raw / "train.csv", index=False)
+    write_demo_data(workdir)
     return workdir
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A working folder made once per worker and a pristine copy of it. `put_back()` makes
+    the folder as it was made again, in the same place: the store records absolute paths
+    (artifacts), and the train step's fingerprint names the store's absolute path, so a copy
+    elsewhere would not be the same folder. Tests using it run one after another in their
+    worker, each starting from `put_back()`."""
+    folder: Path
+    pristine: Path
+
+    def put_back(self, monkeypatch) -> Path:
+        forget_store_connections()
+        shutil.rmtree(self.folder)
+        shutil.copytree(self.pristine, self.folder, symlinks=True)
+        monkeypatch.chdir(self.folder)
+        return self.folder
+
+
+def keep(tmp_path_factory, empty_store, name: str, make) -> Kept:
+    """A working folder (an empty store, the demo lake) in which `make(folder)` ran once."""
+    base = tmp_path_factory.mktemp(name)
+    kept = Kept(base / "work", base / "pristine")
+    kept.folder.mkdir()
+    copy_store(empty_store, kept.folder)
+    write_demo_data(kept.folder)
+    with chdir(kept.folder):  # as a test would: MLflow puts artifacts under ./mlruns
+        make(kept.folder)
+    forget_store_connections()
+    shutil.copytree(kept.folder, kept.pristine, symlinks=True)  # copy2: times too
+    return kept
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The folder of a finished `trainpipe run *FAST` on the demo lake, what that run printed
+    and the ids MLflow gave it."""
+    folder: Path
+    stdout: str
+    run_id: str  # the pipeline (parent) run
+    model_uri: str
+
+
+@pytest.fixture(scope="session")
+def finished_template(tmp_path_factory, empty_store) -> tuple[Kept, Finished]:
+    """One full run (`trainpipe run *FAST` on the demo lake, as a user types it), made once
+    per worker."""
+    printed = []
+
+    def run(folder: Path) -> None:
+        result = trainpipe("run", *FAST, cwd=folder)
+        assert result.returncode == 0, result.stdout + result.stderr
+        printed.append(result.stdout)
+
+    kept = keep(tmp_path_factory, empty_store, "finished", run)
+    client = mlflow.MlflowClient(f"sqlite:///{kept.folder / 'mlflow.db'}")
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("trainpipe").experiment_id],
+        "tags.`trainpipe.kind` = 'pipeline'")
+    assert parent.info.status == "FINISHED"
+    return kept, Finished(kept.folder, printed[0], parent.info.run_id,
+                          parent.data.tags["trainpipe.model_uri"])
+
+
+def forget_store_connections() -> None:
+    """Close the SQLite connections MLflow keeps open in this process (one engine per store
+    URI, for its whole life): after a folder is put back from its copy, a kept connection
+    would still read the replaced file."""
+    from mlflow.store.model_registry.sqlalchemy_store import (
+        SqlAlchemyStore as RegistryStore,
+    )
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    for store in (TrackingStore, RegistryStore):
+        for engine in store._engine_map.values():
+            engine.dispose()
+
+
+@pytest.fixture
+def finished_lake(finished_template, monkeypatch) -> Finished:
+    """The working folder after a finished `trainpipe run *FAST` on the demo lake: lake,
+    store, artifacts and model. Every test gets it as the run left it (see Kept), and may
+    change it."""
+    kept, finished = finished_template
+    kept.put_back(monkeypatch)
+    return finished
 
 
 def trainpipe(*args: str, cwd: Path, env: dict | None = None, timeout: float = 240,

@@ -73,9 +73,8 @@ def test_mlflow_is_imported_only_where_runs_are_written(demo_lake):
     assert "mlflow" not in packages and "hydra" not in packages
 
 
-def test_the_change_matrix(demo_lake):
-    folder = demo_lake
-    assert invoke(folder, "run", *FAST).exit_code == 0
+def test_the_change_matrix(finished_lake):
+    folder = finished_lake.folder  # after `trainpipe run *FAST` on the demo lake
     assert ran(folder) == STEPS
     first_model = latest_parent(folder)["tags.trainpipe.model_uri"]
     first_parent = latest_parent(folder)["run_id"]
@@ -152,9 +151,8 @@ def test_after_an_exception_the_same_config_resumes_where_it_failed(demo_lake, m
     assert ran(folder) == ["train", "evaluate"]  # validate, split, features: reused
 
 
-def test_a_step_run_again_reruns_the_steps_reading_it(demo_lake):
-    folder = demo_lake
-    assert invoke(folder, "run", *FAST).exit_code == 0
+def test_a_step_run_again_reruns_the_steps_reading_it(finished_lake):
+    folder = finished_lake.folder  # after `trainpipe run *FAST`
     first_model = latest_parent(folder)["tags.trainpipe.model_uri"]
     assert invoke(folder, "clean", "--step", "train", "--keep", "0").exit_code == 0
     assert invoke(folder, "run", *FAST).exit_code == 0
@@ -162,14 +160,14 @@ def test_a_step_run_again_reruns_the_steps_reading_it(demo_lake):
     assert latest_parent(folder)["tags.trainpipe.model_uri"] != first_model
 
 
-def test_a_store_in_another_folder_never_reuses_a_model_it_does_not_hold(demo_lake):
+def test_a_store_in_another_folder_never_reuses_a_model_it_does_not_hold(finished_lake):
     """`sqlite:///mlflow.db` in two folders is two stores sharing one lake: the data steps
     are shared, the model is trained again into the second store."""
-    folder, other = demo_lake, demo_lake / "other"
+    folder = finished_lake.folder  # `trainpipe run *FAST` ran here, its store in this folder
+    other = folder / "other"
     other.mkdir()
     lake = folder / "lake"
     shared_lake = [f"lake.root={lake}", f"dataset.source={lake}/raw/hotel_bookings/train.csv"]
-    assert trainpipe("run", *FAST, *shared_lake, cwd=folder).returncode == 0
     result = trainpipe("run", *FAST, *shared_lake, cwd=other)
     assert result.returncode == 0, result.stderr
     assert ran(other) == ["train", "evaluate"]
@@ -177,9 +175,9 @@ def test_a_store_in_another_folder_never_reuses_a_model_it_does_not_hold(demo_la
     assert mlflow.pyfunc.load_model(model_uri) is not None  # it is in this store
 
 
-def test_inspect_and_clean(demo_lake):
-    folder = demo_lake
-    for n in (20, 21, 22):
+def test_inspect_and_clean(finished_lake):
+    folder = finished_lake.folder  # after `trainpipe run model.params.n_estimators=20`
+    for n in (21, 22):
         assert invoke(folder, "run", f"model.params.n_estimators={n}").exit_code == 0
     result = invoke(folder, "inspect", "model.params.n_estimators=22")
     assert result.exit_code == 0, result.output
@@ -333,9 +331,8 @@ def test_kill_9_then_resume(demo_lake, moment):
     published_outputs_are_whole(folder / "lake")
 
 
-def test_concurrent_runs_share_upstream_and_never_overwrite(demo_lake):
-    folder = demo_lake
-    assert trainpipe("run", *FAST, cwd=folder).returncode == 0  # the store and lake exist
+def test_concurrent_runs_share_upstream_and_never_overwrite(finished_lake):
+    folder = finished_lake.folder  # after `trainpipe run *FAST`: the store and lake exist
     source = folder / "lake/raw/hotel_bookings/train.csv"
     demo.hotel_bookings(rows=4000, seed=9).to_csv(source, index=False)  # all steps rerun
 

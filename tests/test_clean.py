@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tests.conftest import FAST
+from tests.conftest import FAST, Kept, keep
 from tests.test_cache import invoke, ran
 
 pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
@@ -36,19 +36,33 @@ def lake_files(folder: Path) -> set[Path]:
     return {p for p in (folder / "lake").rglob("*") if p.is_file()}
 
 
+@pytest.fixture(scope="session")
+def forest_lightgbm_forest(tmp_path_factory, empty_store) -> tuple[Kept, str, str]:
+    """The issue's story, made once per worker: a forest, then LightGBM (the newest
+    outputs), then the forest again, all of it reused. Returns the kept folder, the forest's
+    train fingerprint and LightGBM's."""
+    found = {}
+
+    def story(folder: Path) -> None:
+        assert invoke(folder, *RUN, *FAST).exit_code == 0
+        found["forest"] = published(folder, "models", "train")
+        assert invoke(folder, *RUN, *LGBM).exit_code == 0
+        found["lightgbm"] = published(folder, "models", "train") - found["forest"]
+        result = invoke(folder, *RUN, *FAST)
+        assert result.exit_code == 0
+        assert ran(folder, result) == []
+
+    kept = keep(tmp_path_factory, empty_store, "forest-lightgbm-forest", story)
+    [forest], [lightgbm] = found["forest"], found["lightgbm"]
+    return kept, forest, lightgbm
+
+
 @pytest.fixture
-def forest_reused_after_lightgbm(demo_lake):
-    """The issue's story: a forest, then LightGBM (the newest outputs), then the forest
-    again, all of it reused. Returns (folder, forest train fp, LightGBM train fp)."""
-    folder = demo_lake
-    assert invoke(folder, *RUN, *FAST).exit_code == 0
-    forest = published(folder, "models", "train")
-    assert invoke(folder, *RUN, *LGBM).exit_code == 0
-    lightgbm = published(folder, "models", "train") - forest
-    result = invoke(folder, *RUN, *FAST)
-    assert result.exit_code == 0
-    assert ran(folder, result) == []
-    return folder, forest.pop(), lightgbm.pop()
+def forest_reused_after_lightgbm(forest_lightgbm_forest, monkeypatch):
+    """The folder after the issue's story (each test's to change), the forest's train
+    fingerprint and LightGBM's."""
+    kept, forest, lightgbm = forest_lightgbm_forest
+    return kept.put_back(monkeypatch), forest, lightgbm
 
 
 def test_clean_never_removes_what_the_current_config_needs(forest_reused_after_lightgbm):

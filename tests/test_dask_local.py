@@ -24,7 +24,9 @@ def manifests(workdir, zone: str) -> dict[str, list[tuple]]:
     return found
 
 
-def test_full_run_on_a_local_cluster(demo_lake):
+def test_full_run_on_a_local_cluster_then_a_changed_byte_in_the_source(demo_lake):
+    """A full run in parts, the same run again (up to date), train again (the same model),
+    then a changed byte in the source (both stories start with the same full run)."""
     result = trainpipe("run", *DASK, *LIGHTGBM, cwd=demo_lake)
     assert result.returncode == 0, result.stdout + result.stderr
     landing = manifests(demo_lake, "landing")
@@ -57,24 +59,14 @@ def test_full_run_on_a_local_cluster(demo_lake):
     assert len(scores) == 2 and scores.shape[1] >= 5, scores.T
     assert scores.iloc[0].tolist() == scores.iloc[1].tolist(), scores.T
 
-
-def test_a_scikit_learn_model_over_collect_limit_stops_before_any_step(demo_lake):
-    result = trainpipe("run", *DASK, "model=random_forest", "compute.collect_limit=1KB",
-                       cwd=demo_lake)
-    text = " ".join((result.stdout + result.stderr).split())
-    assert result.returncode == 2, text
-    assert "compute.collect_limit=1KB" in text and "model=lightgbm" in text, text
-    assert "Traceback" not in text
-    assert "✓" not in result.stdout  # no step ran
-    assert not (demo_lake / "lake" / "landing").exists()  # nothing published
+    a_changed_byte_in_the_source_is_seen(demo_lake)
 
 
-def test_a_changed_byte_in_the_source_is_seen(demo_lake):
-    """The source's fingerprint trusts a file's size and modification time; a changed byte
-    (same size, the file written again) is seen, and validate runs again."""
+def a_changed_byte_in_the_source_is_seen(demo_lake):
+    """After a run: the source's fingerprint trusts a file's size and modification time; a
+    changed byte (same size, the file written again) is seen, and validate runs again."""
     source = demo_lake / "lake" / "raw" / "hotel_bookings" / "train.csv"
-    first = trainpipe("run", *DASK, *LIGHTGBM, cwd=demo_lake)
-    assert first.returncode == 0, first.stdout + first.stderr
+    assert len(manifests(demo_lake, "landing")["validate"]) == 1
     data = source.read_bytes()
     lines = data.split(b"\n")
     header = lines[0].split(b",")
@@ -95,6 +87,17 @@ def test_a_changed_byte_in_the_source_is_seen(demo_lake):
     # unchanged, the next run is up to date again: nothing is read in full each time
     third = trainpipe("run", *DASK, *LIGHTGBM, cwd=demo_lake)
     assert third.returncode == 0 and "up to date" in third.stdout, third.stdout + third.stderr
+
+
+def test_a_scikit_learn_model_over_collect_limit_stops_before_any_step(demo_lake):
+    result = trainpipe("run", *DASK, "model=random_forest", "compute.collect_limit=1KB",
+                       cwd=demo_lake)
+    text = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2, text
+    assert "compute.collect_limit=1KB" in text and "model=lightgbm" in text, text
+    assert "Traceback" not in text
+    assert "✓" not in result.stdout  # no step ran
+    assert not (demo_lake / "lake" / "landing").exists()  # nothing published
 
 
 def test_a_task_whose_workers_keep_dying_fails_in_words():

@@ -6,9 +6,11 @@ import sys
 import time
 
 import pytest
+from typer.testing import CliRunner
 
-from tests.conftest import FAST, compose, runs, trainpipe
+from tests.conftest import FAST, compose, runs
 from trainpipe import pipeline
+from trainpipe.cli import app
 
 pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
 
@@ -79,14 +81,16 @@ def test_ctrl_c_at_a_step_boundary_is_told_as_mlflow_records_it(demo_lake, monke
 
 
 def test_a_config_error_stops_before_any_run(demo_lake):
-    result = trainpipe("run", "model.params.max_depth=-5", cwd=demo_lake)
-    assert result.returncode == 2  # a config error, found before any step runs
+    # in-process (typer's runner, in the demo lake's folder): no process is stopped here
+    result = CliRunner().invoke(app, ["run", "model.params.max_depth=-5"])
+    assert result.exit_code == 2  # a config error, found before any step runs
     assert ("error: model.params: sklearn.ensemble.RandomForestClassifier refuses them: The "
-            "'max_depth' parameter of RandomForestClassifier must be" in result.stderr)
+            "'max_depth' parameter of RandomForestClassifier must be" in " ".join(
+                result.stderr.split()))
     assert "Traceback" not in result.stderr
     assert not (demo_lake / "mlflow.db").exists() or runs(demo_lake).empty
-    result = trainpipe("run", "+model.params.no_such_param=1", cwd=demo_lake)
-    assert result.returncode == 2
+    result = CliRunner().invoke(app, ["run", "+model.params.no_such_param=1"])
+    assert result.exit_code == 2
     assert "model.params" in result.stderr and "no_such_param" in result.stderr
 
 

@@ -51,10 +51,9 @@ def edit_manifest(edit):
 
 
 @pytest.fixture
-def trained(demo_lake) -> Path:
-    result = invoke(demo_lake)
-    assert result.exit_code == 0, result.output
-    return demo_lake
+def trained(finished_lake) -> Path:
+    """The folder of a finished run (`trainpipe run *FAST`), each test's to damage."""
+    return finished_lake.folder
 
 
 @pytest.mark.parametrize("damage", [flip_labels, cut_rows, garbage], ids=lambda f: f.__name__)

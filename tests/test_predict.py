@@ -284,14 +284,15 @@ def test_the_default_model_is_the_registered_champion(trained, tmp_path):
      "--model models:/m-0123456789abcdef: no such model in the tracking store"),
     (["--input", "{train}"], 3, "booking_status · scoring data must not contain the target"),
 ])
-def test_bad_arguments_are_named(trained, tmp_path, args, code, words):
+def test_bad_arguments_are_named(trained, tmp_path, monkeypatch, args, code, words):
     given = dict(zip(args[::2], args[1::2], strict=True))
     options = {"--model": trained["model_uri"], "--input": str(trained["folder"] / "score.csv"),
                "--output": "{tmp}/p.parquet"} | given
     values = {"tmp": tmp_path, "train": trained["folder"] / "lake/raw/hotel_bookings/train.csv"}
     argv = [part.format(**values) for pair in options.items() for part in pair]
-    result = predict(trained, *argv, cwd=tmp_path)
-    assert result.returncode == code, result.stderr
+    monkeypatch.chdir(tmp_path)  # in-process (typer's runner): no process is the point here
+    result = CliRunner().invoke(app, ["predict", *argv, *trained["overrides"]])
+    assert result.exit_code == code, result.output
     assert words.format(**values) in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("p.*")) and not list(tmp_path.glob(".tmp-*"))

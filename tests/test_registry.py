@@ -193,12 +193,12 @@ def recent(stamp: str) -> bool:
     return datetime.now(UTC) - datetime.fromisoformat(stamp) < timedelta(minutes=10)
 
 
-def test_register_gate_promote_and_rollback(demo_lake):
-    folder = demo_lake
-    # 1. the first version passes on the bounds alone and becomes the champion
-    result = invoke(folder, "run", *FAST)
-    assert result.exit_code == 0, result.output
-    assert "promoted version 1 to champion: no champion before; test_roc_auc" in result.output
+def test_register_gate_promote_and_rollback(finished_lake):
+    folder = finished_lake.folder
+    # 1. the first version (`trainpipe run *FAST`) passes on the bounds alone and becomes the
+    # champion
+    assert ("promoted version 1 to champion: no champion before; test_roc_auc"
+            in finished_lake.stdout)
     first = latest(folder)
     assert first["tags.trainpipe.gate"] == "passed"
     assert first["tags.trainpipe.registered_model"] == "hotel_bookings"
@@ -295,9 +295,8 @@ def test_register_gate_promote_and_rollback(demo_lake):
             "these rows)") in " ".join(result.output.split())
 
 
-def test_registry_commands_name_what_is_wrong(demo_lake):
-    folder = demo_lake
-    assert invoke(folder, "run", *FAST).exit_code == 0
+def test_registry_commands_name_what_is_wrong(finished_lake):
+    folder = finished_lake.folder  # after `trainpipe run *FAST`: version 1, the champion
     result = invoke(folder, "registry", "hotels")
     assert result.exit_code == 2
     assert "no registered model 'hotels' in sqlite:///" in result.output
@@ -342,11 +341,11 @@ def test_a_champion_on_other_columns_is_named_and_the_bounds_decide(task_config)
     assert sorted(tags) == [1, 2] and tags[2]["aliases"] == ["challenger", "champion"]
 
 
-def test_a_champion_tested_on_these_rows_is_not_scored_again(demo_lake):
+def test_a_champion_tested_on_these_rows_is_not_scored_again(finished_lake):
     """Its recorded test metrics are what scoring it again would give: its model is not even
     loaded. Tested on these rows another way (here: another configured positive class), it
     is loaded and scored."""
-    folder = demo_lake
+    folder = finished_lake.folder  # after `trainpipe run *FAST`
 
     def hide_model(version: int) -> None:  # scoring the version would fail now
         client = store(folder)
@@ -355,7 +354,6 @@ def test_a_champion_tested_on_these_rows_is_not_scored_again(demo_lake):
         pickle = Path(files.removeprefix("file://")) / "model.pkl"
         pickle.rename(pickle.with_suffix(".away"))
 
-    assert invoke(folder, "run", *FAST).exit_code == 0
     first = latest(folder)
     hide_model(1)
     result = invoke(folder, "run", *FAST, "--force")  # the same rows: version 2

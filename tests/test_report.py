@@ -15,7 +15,7 @@ import mlflow
 import pytest
 from PIL import Image
 
-from tests.conftest import FAST, compose, copy_store, trainpipe
+from tests.conftest import FAST, compose, trainpipe
 from tests.test_interrupts import FAILING_FIT
 from tests.test_steps import run_through
 from trainpipe import demo
@@ -98,28 +98,23 @@ def assert_self_contained(page: str) -> None:
     assert "url(" not in page and "@import" not in page  # no CSS fetches either
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, empty_store):
-    """A real run of the whole pipeline on demo data (shared by the tests that read it)."""
-    workdir = tmp_path_factory.mktemp("finished")
-    copy_store(empty_store, workdir)
-    raw = workdir / "lake" / "raw" / "hotel_bookings"
-    raw.mkdir(parents=True)
-    demo.hotel_bookings(rows=3000, seed=1).to_csv(raw / "train.csv", index=False)
-    result = trainpipe("run", *FAST, cwd=workdir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    client, parent = pipeline_run_of(workdir)
-    return workdir, result, client, parent
+@pytest.fixture
+def finished(finished_lake):
+    """A real run of the whole pipeline on demo data (`trainpipe run *FAST`): its folder,
+    what it printed, a client of its store and its parent run."""
+    client, parent = pipeline_run_of(finished_lake.folder)
+    assert parent.info.run_id == finished_lake.run_id
+    return finished_lake.folder, finished_lake.stdout, client, parent
 
 
 # ------------------------------------------------------------------ the page of a run
 
 
 def test_every_run_logs_its_report_and_prints_where_it_is(finished):
-    workdir, result, client, parent = finished
+    workdir, stdout, client, parent = finished
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "report.html" in artifacts
-    path = printed_report(result.stdout)
+    path = printed_report(stdout)
     assert path == Path(parent.info.artifact_uri) / "report.html"
     page = path.read_text()
     assert page == logged_page(client, parent)
@@ -131,7 +126,7 @@ def test_every_run_logs_its_report_and_prints_where_it_is(finished):
 
 
 def test_the_page_shows_what_mlflow_recorded(finished):
-    workdir, result, client, parent = finished
+    workdir, stdout, client, parent = finished
     page = logged_page(client, parent)
     marks = Marks(page).marks
     steps = step_runs(client, parent)
@@ -143,7 +138,7 @@ def test_the_page_shows_what_mlflow_recorded(finished):
         assert row.startswith(f"{name} FINISHED"), row
         assert steps[name].data.tags["trainpipe.summary"] in row
     seconds = float(steps["features"].data.tags["trainpipe.seconds"])
-    told = re.search(r"features +([\d.]+)s +19 features", result.stdout)
+    told = re.search(r"features +([\d.]+)s +19 features", stdout)
     assert abs(float(told[1]) - seconds) < 0.006  # the time the terminal showed
 
     # validation passed, with per-column statistics
@@ -439,8 +434,8 @@ def chromium():
 def test_the_page_in_headless_chromium(finished, chromium, tmp_path):
     from tests.browser import outside
 
-    _, result, client, parent = finished
-    page = chromium.open(printed_report(result.stdout).as_uri())
+    _, stdout, client, parent = finished
+    page = chromium.open(printed_report(stdout).as_uri())
     assert outside(page.requests) == []  # the page asks nothing of the network
     assert page.console == [] and page.errors == []
     (tmp_path / "report.png").write_bytes(page.screenshot)
