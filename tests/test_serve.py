@@ -59,7 +59,8 @@ def start_serve(model: dict, *args: str, cwd: Path, timeout: float = 180) -> Ser
     proc = subprocess.Popen([sys.executable, "-m", "trainpipe", "serve", "--model",
                              model["uri"], f"tracking.uri={model['store']}", *args],
                             cwd=cwd, env=env | {"COLUMNS": "200"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+                            start_new_session=True)  # killed as a group if it will not stop
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
                      daemon=True).start()
@@ -87,7 +88,12 @@ def start_serve(model: dict, *args: str, cwd: Path, timeout: float = 180) -> Ser
 def stop_serve(serving: Serving, sig=signal.SIGINT) -> int:
     if serving.proc.poll() is None:
         serving.proc.send_signal(sig)
-    return serving.proc.wait(timeout=60)
+    try:
+        return serving.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # the test fails; no server is left running after it
+        os.killpg(serving.proc.pid, signal.SIGKILL)
+        serving.proc.wait()
+        raise
 
 
 @pytest.fixture(scope="module")
