@@ -271,6 +271,9 @@ def per_partition(fn: Callable, frame, *shared) -> list:
     import dask
     from distributed import get_client
 
-    shared = [get_client().scatter(value, broadcast=True) for value in shared]
+    # hash=False: a key of its own each time. With the default, evaluate's second scatter of
+    # the same model (test after val) reused the first one's key while the first future's
+    # release was on its way: "Could not find data: LGBMClassifier-…" (lost dependencies).
+    shared = [get_client().scatter(value, broadcast=True, hash=False) for value in shared]
     return list(dask.compute(*[dask.delayed(fn, pure=True)(part, *shared)
                                for part in frame.to_delayed()]))
