@@ -196,3 +196,30 @@ def test_training_waits_for_a_worker_and_says_when_none_comes(monkeypatch):
         threading.Timer(0.5, local.scale, [1]).start()  # a worker comes back meanwhile
         features, labels, _ = cluster.spread(frame, "y")
         assert features.compute().shape == (8, 1) and list(labels.compute()) == [0, 1] * 4
+
+
+def _predicted_rows(part, model) -> int:
+    return len(model.predict(part[["a", "b"]]))
+
+
+def test_the_same_model_shared_again_and_again_is_never_lost():
+    """evaluate shares the model with the workers twice in a row (val, then test). Under a
+    key made from its hash, the second share raced the first one's release: "Could not find
+    data: ...", the task cancelled for lost dependencies (about one call in three here)."""
+    import dask.dataframe as dd
+    import numpy as np
+    import pandas as pd
+    from distributed import Client, LocalCluster
+    from sklearn.ensemble import RandomForestClassifier
+
+    from trainpipe import cluster
+
+    rows = pd.DataFrame({"a": np.random.default_rng(0).random(4000),
+                         "b": np.random.default_rng(1).random(4000)})
+    model = RandomForestClassifier(n_estimators=10, random_state=0).fit(rows, rows.a > 0.5)
+    frame = dd.from_pandas(rows, npartitions=4)
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as local, \
+            Client(local):
+        for _ in range(30):
+            for _ in ("val", "test"):
+                assert sum(cluster.per_partition(_predicted_rows, frame, model)) == 4000
