@@ -323,8 +323,7 @@ def _collect(result: RunResult, tags: dict[str, str], metrics: dict[str, float],
 
 def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps: list[Step],
                  reused: dict[str, dict | None], result: RunResult, on_step, tracker,
-                 compute_tags: dict[str, str],
-                 on_notice: Callable[[str], None] = lambda m: None) -> None:
+                 compute_tags: dict[str, str], on_notice: Callable[[str], None]) -> None:
     """Run the steps that must run, recorded through the tracker process. A step's outputs
     are published in the background while the next step works (the step after it takes
     them from memory): MLflow's run ids, which manifests name, arrive when they arrive."""
@@ -380,9 +379,9 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
 
 
 def _settle(result: RunResult, publisher: "Publisher", killed: bool) -> None:
-    """A step is done once its outputs are published and its run ended FINISHED. One the
-    run stopped before that (Ctrl-C just as it started, or before its outputs were
-    published) ends with the parent run: the summary and the report say so, as MLflow does."""
+    """A step is done once its outputs are published and its run ended FINISHED. A step
+    stopped before that (Ctrl-C just as it started, or before its outputs were published)
+    has its run ended with the parent's: the summary and the report say so, as MLflow does."""
     for step in result.steps:
         if step.status == "running" or step.status == "done" and step.name not in (
                 publisher.ended):

@@ -460,13 +460,15 @@ def _validation(r: Record) -> str:
         parts.append(f"<p>{e(role)}: <code>{e(src.get('source'))}</code>, "
                      f"{src.get('rows', 0):,} rows</p>")
     if report.get("failures"):
+        from trainpipe.steps.validate import FIRST_ROW, example_text
+
         rows = []
-        # rows from 1, the header not counted (a report made before it said so: from 0)
-        shift = 1 - report.get("first_row", 0)
+        # a report made before rows were numbered from FIRST_ROW numbered them from 0
+        shift = FIRST_ROW - report.get("first_row", 0)
         for f in report["failures"]:
             examples = "; ".join(
-                f"row {x['row'] + shift}: {x['value']!r}" if x.get("row") is not None
-                else repr(x.get("value")) for x in f.get("examples", []))
+                example_text(x | {"row": x["row"] + shift} if x.get("row") is not None else x)
+                for x in f.get("examples", []))
             rows.append(f"<tr><td><code>{e(f.get('column') or '(table)')}</code></td>"
                         f"<td>{e(f.get('message'))}</td><td class=num>{f.get('rows', 0):,}</td>"
                         f"<td><code>{e(examples)}</code></td><td>{e(f.get('source'))}</td></tr>")

@@ -322,7 +322,7 @@ def to_terminal(failures: list[dict]) -> str:
     lines = [f"data validation failed ({ROWS}):"]
     for f in failures:
         where = f"{f['column']}" if f["column"] is not None else "(table)"
-        examples = ", ".join(map(_example, f["examples"]))
+        examples = ", ".join(map(example_text, f["examples"]))
         if f["check"] in COLUMN_CHECKS:  # the column is the culprit: no rows to count
             lines.append(f"  {f['source']} · {where} · {f['message']}")
             continue
@@ -332,9 +332,9 @@ def to_terminal(failures: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _example(example: dict) -> str:
+def example_text(example: dict) -> str:
     """`row 3: 13`, or the value alone when it is about no row (a missing column)."""
-    value = repr(example["value"])
+    value = repr(example.get("value"))
     return value if example.get("row") is None else f"row {example['row']}: {value}"
 
 
@@ -396,7 +396,7 @@ def to_markdown(report: dict) -> str:
         lines += ["", "## Failures", "", f"Example {ROWS}.", "",
                   "| source | column | check | rows | examples |", "|---|---|---|---|---|"]
         for f in report["failures"]:
-            ex = "; ".join(map(_example, f["examples"]))
+            ex = "; ".join(map(example_text, f["examples"]))
             lines.append(f"| {f['source']} | {f['column']} | {f['message']} | {f['rows']} | "
                          f"{ex} |")
     for role, stats in report["statistics"].items():
