@@ -7,7 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import chdir, closing
+from contextlib import chdir, closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,27 @@ HOTEL = next((folder / "shared" / "datasets" / "hotel_bookings" for folder in RE
               if (folder / "shared" / "datasets" / "hotel_bookings").is_dir()),
              REPO.parent / "shared" / "datasets" / "hotel_bookings")
 FAST = ["model.params.n_estimators=20"]  # small forests keep end-to-end tests quick
+
+
+def pytest_configure(config):
+    """The suite's warm trackers (trainpipe.warm) live in a folder of its own and end with
+    it: none is left running after the tests, and none of the user's is used."""
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller made the folder
+        return
+    import tempfile
+
+    config._warm_folder = tempfile.mkdtemp(prefix="trainpipe-tests-run-")
+    os.environ["XDG_RUNTIME_DIR"] = config._warm_folder
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_warm_folder", None)
+    if folder is None:
+        return
+    for lock in Path(folder).glob("*/*.lock"):
+        with suppress(ValueError, OSError):
+            os.kill(int(lock.read_text()), 15)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -260,8 +260,12 @@ main()
 """
 
 
-def start_paused_at(folder: Path, moment: str, *args: str) -> subprocess.Popen:
+def start_paused_at(folder: Path, moment: str, *args: str, warm: bool = True
+                    ) -> subprocess.Popen:
+    """`warm=False`: the run starts its own tracker, in its process group (see test_warm)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    if not warm:
+        env["TRAINPIPE_WARM_TRACKER"] = "0"
     proc = subprocess.Popen([sys.executable, "-c", PAUSE_AT, moment, "run", *args],
                             cwd=folder, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
@@ -300,7 +304,9 @@ def test_kill_9_then_resume(demo_lake, moment):
     args = FAST
     earlier = {"features": ["validate", "split"], "machine": ["validate", "split", "features"],
                "publishing": ["validate", "split"]}[moment]
-    proc = start_paused_at(folder, "train" if moment == "machine" else moment, *args)
+    # a lost machine takes the tracker too: one started by the run, in its process group
+    proc = start_paused_at(folder, "train" if moment == "machine" else moment, *args,
+                           warm=moment != "machine")
     wait_for_manifests(folder, earlier)
     if moment == "machine":
         os.killpg(proc.pid, signal.SIGKILL)

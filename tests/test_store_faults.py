@@ -34,11 +34,15 @@ def pause(conn, cursor, statement, *args):
 """
 
 
-def start_paused_in_migrations(folder: Path, *args: str) -> subprocess.Popen:
+def start_paused_in_migrations(folder: Path, *args: str, warm: bool = True
+                               ) -> subprocess.Popen:
+    """`warm=False`: the run starts its own tracker, in its process group (see test_warm)."""
     hook = folder.parent / f"{folder.name}-hook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(PAUSE_IN_MIGRATIONS)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    if not warm:
+        env["TRAINPIPE_WARM_TRACKER"] = "0"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
     cmd = (["-c", "from mlflow import MlflowClient; MlflowClient('sqlite:///mlflow.db')"]
            if args[0] == "mlflow" else ["-m", "trainpipe", *args])
@@ -62,9 +66,11 @@ def store_files(folder: Path) -> list[str]:
                          ids=["kill-9", "sigterm", "ctrl-c"])
 def test_a_run_stopped_while_it_creates_the_store_leaves_no_half_store(demo_lake, sig):
     folder = demo_lake
-    proc = start_paused_in_migrations(folder, "run", "--to", "validate")
+    # kill -9: the pipeline and its tracker die together (a lost machine)
+    proc = start_paused_in_migrations(folder, "run", "--to", "validate",
+                                      warm=sig != signal.SIGKILL)
     assert not (folder / "mlflow.db").exists()  # the store appears whole or not at all
-    if sig == signal.SIGKILL:  # the pipeline and its tracker die together (a lost machine)
+    if sig == signal.SIGKILL:
         os.killpg(proc.pid, signal.SIGKILL)
     else:
         proc.send_signal(sig)

@@ -20,6 +20,7 @@ process group): this process decides what happens to the runs. When this process
 KILLED and exits.
 """
 
+import contextlib
 import gc
 import os
 import pickle
@@ -36,6 +37,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from trainpipe.errors import TrainpipeError
+from trainpipe.warm import warm_fork
 
 # How long this process waits for the tracker to finish what it was given, after an
 # interruption (marking runs KILLED on a server that no longer answers must not hang us).
@@ -114,12 +116,16 @@ class Tracker:
 
     @classmethod
     def start(cls) -> "Tracker":
-        """Start the tracker process; it begins importing MLflow at once."""
+        """Start the tracker process: forked by the warm tracker (MLflow imported already),
+        else a new process that begins importing MLflow at once."""
         ours, theirs = socket.socketpair()
         log = tempfile.TemporaryFile()  # noqa: SIM115 - what it prints, for a crash report
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "trainpipe.tracker", str(theirs.fileno()), str(os.getpid())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        proc = warm_fork(theirs.fileno(), log.fileno())
+        if proc is None:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "trainpipe.tracker", str(theirs.fileno()),
+                 str(os.getpid())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         theirs.close()
         return cls(proc, Connection(ours.detach()), log)
 
@@ -153,6 +159,8 @@ class Tracker:
         try:
             if self.proc.poll() is None and self._lost is None:
                 self.call("close").result(timeout)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(STOP_GRACE)  # it exits as soon as it has answered
             self.raise_errors()
         finally:
             self.discard()
@@ -184,7 +192,7 @@ class Tracker:
             while True:
                 call, value, error = pickle.loads(self.conn.recv_bytes())
                 self._pending.pop(call)._set(value, error)
-        except (EOFError, OSError) as exc:
+        except (EOFError, OSError, TypeError) as exc:  # TypeError: discard() closed it
             self._lose(exc)
 
     def _lose(self, exc: BaseException) -> None:
