@@ -70,9 +70,19 @@ def test_trackers_are_forked_by_one_warm_tracker_and_their_exit_codes_come_back(
     assert first.proc.returncode == 0  # said "close", answered, exited
 
     second = Tracker.start()
-    assert parent_of(forked(second)) == server  # the same warm tracker
-    second.discard()  # told to stop: it unwinds and exits 1, as a started tracker does
-    assert second.proc.returncode == 1
+    pid = forked(second)
+    assert parent_of(pid) == server  # the same warm tracker
+    second.discard()  # asked nothing (an up-to-date run): not waited for, it ends by itself
+    deadline = time.monotonic() + 120
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid)
+
+    third = Tracker.start()
+    forked(third)
+    third.call("end_open_runs", "KILLED")  # asked something: discarding it stops it
+    third.discard()  # told to stop: it unwinds and exits 1, as a started tracker does
+    assert third.proc.returncode == 1
     assert warm_pids(warm_folder) == [server] and alive(server)
 
 

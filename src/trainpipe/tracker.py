@@ -37,7 +37,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from trainpipe.errors import TrainpipeError
-from trainpipe.warm import warm_fork
+from trainpipe.warm import Forked, warm_fork
 
 # How long this process waits for the tracker to finish what it was given, after an
 # interruption (marking runs KILLED on a server that no longer answers must not hang us).
@@ -169,7 +169,11 @@ class Tracker:
         """End the tracker now, whatever it is doing (nothing was asked of it, or it hangs):
         asked first (it unwinds, so a store it was creating leaves no temporary file), then
         killed."""
-        if self.proc.poll() is None:
+        if not self._sent and isinstance(self.proc, Forked):
+            # Asked nothing (an up-to-date run): a forked tracker ends by itself when its pipe
+            # closes, and the warm tracker collects it. Nothing to wait for.
+            self.proc.forget()
+        elif self.proc.poll() is None:
             self.proc.send_signal(STOP)
             try:
                 self.proc.wait(STOP_GRACE)
@@ -177,6 +181,11 @@ class Tracker:
                 self.proc.kill()
         self.proc.wait()
         self._outbox.put(None)
+        # shut down, not just closed: the reader thread, blocked in its recv, keeps the
+        # socket open until it returns, and a tracker asked nothing waits for that end
+        with (contextlib.suppress(OSError),
+              socket.fromfd(self.conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as ours):
+            ours.shutdown(socket.SHUT_RDWR)
         self.conn.close()
         self.log.close()
 

@@ -168,6 +168,12 @@ class Forked:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
+    def forget(self) -> None:
+        """Stop watching it (it ends by itself once its pipe closes): returncode 0."""
+        with self._lock:
+            if self.returncode is None:
+                self._end(0)
+
     def _read(self, timeout: float | None) -> None:
         """Take in what the warm tracker said within `timeout`: the pid, the exit code.
         If the warm tracker is gone, the pidfd tells when the tracker has ended. Called
