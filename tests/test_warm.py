@@ -155,3 +155,23 @@ def test_the_code_digest_sees_an_edit(tmp_path, monkeypatch):
     before = warm.code_digest()
     (package / "steps" / "train.py").write_text("# edited\n")
     assert warm.code_digest() != before
+
+
+def test_a_warm_tracker_ended_with_sigterm_takes_its_socket_along(warm_folder):
+    tracker = Tracker.start()
+    forked(tracker)
+    tracker.close(120)
+    (server,) = warm_pids(warm_folder)
+    os.kill(server, signal.SIGTERM)
+    deadline = time.monotonic() + 120
+    while alive(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(server)
+    assert not list(warm_folder.glob("*/*.sock"))
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("", 600.0), ("30", 30.0), ("0", 0.0),
+                                                ("off", 0.0), ("no", 0.0), ("-5", 0.0)])
+def test_the_setting_in_words(monkeypatch, value, seconds):
+    monkeypatch.setenv(warm.ENV, value)
+    assert warm.idle_seconds() == seconds

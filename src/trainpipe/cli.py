@@ -576,6 +576,12 @@ def _execute(span, overrides, multirun, print_cfg, config_dir, verbose, force) -
     # MLflow loads in a process of its own while the config is read and the data checked;
     # a run with nothing to do ends it unused.
     tracker = Tracker.start() if print_cfg is None else None
+    if getattr(tracker and tracker.proc, "started_warm_tracker", False):
+        from trainpipe import warm
+
+        _notice(f"started a warm tracker: later runs fork their MLflow tracker from it; it "
+                f"exits after {warm.idle_seconds() / 60:g} minutes without a run "
+                f"({warm.ENV}=0 turns it off)")
     try:
         pipeline.select(*span)  # unknown step names are usage errors, before anything runs
         jobs = config.expand_sweeps(overrides) if multirun else [overrides]

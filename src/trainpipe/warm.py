@@ -40,14 +40,17 @@ from pathlib import Path
 IDLE_SECONDS = 600.0
 ENV = "TRAINPIPE_WARM_TRACKER"
 CODE = struct.Struct("!i")  # the warm tracker's answers: the pid, then the exit code
+STALE_CHECK = 30.0  # how often an idle warm tracker checks that its code is current
 CONNECT_WAIT = 5.0  # how long another starting warm tracker may take to listen
 
 
 def idle_seconds() -> float:
+    """TRAINPIPE_WARM_TRACKER: seconds; unset, the default; 0 or a word (off, no): off."""
+    value = os.environ.get(ENV, "").strip()
     try:
-        return max(0.0, float(os.environ.get(ENV) or IDLE_SECONDS))
+        return max(0.0, float(value)) if value else IDLE_SECONDS
     except ValueError:
-        return IDLE_SECONDS
+        return 0.0
 
 
 def address() -> Path | None:
@@ -92,7 +95,7 @@ def warm_fork(fd: int, log_fd: int) -> "Forked | None":
     where = address() if idle_seconds() > 0 and hasattr(os, "pidfd_open") else None
     if where is None:
         return None
-    sock = _connect(where)
+    sock, started = _connect(where), None
     if sock is None:
         started = subprocess.run([sys.executable, "-m", "trainpipe.warm", str(where),
                                   str(idle_seconds())], cwd="/", stdin=subprocess.DEVNULL,
@@ -111,7 +114,9 @@ def warm_fork(fd: int, log_fd: int) -> "Forked | None":
     except OSError:
         sock.close()
         return None
-    return Forked(sock)
+    forked = Forked(sock)
+    forked.started_warm_tracker = started is not None
+    return forked
 
 
 def _connect(where: Path) -> socket.socket | None:
@@ -136,6 +141,7 @@ class Forked:
         self._pidfd: int | None = None
         self._buffer = b""
         self._lock = threading.Lock()
+        self.started_warm_tracker = False  # this run started the warm tracker
         sock.setblocking(False)
 
     def poll(self) -> int | None:
@@ -182,7 +188,10 @@ class Forked:
             if self.returncode is not None:
                 return
             watched = self.sock if self.sock.fileno() >= 0 else self._pidfd
-        if not select.select([watched], [], [], timeout)[0]:
+        try:
+            if not select.select([watched], [], [], timeout)[0]:
+                return
+        except (OSError, ValueError):  # another thread closed it meanwhile: look again
             return
         with self._lock:
             if self.returncode is not None:
@@ -247,6 +256,7 @@ def serve(where: Path, idle: float, ready: int) -> None:
     os.close(ready)
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # takes its socket along
     _import_everything()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -259,7 +269,9 @@ def serve(where: Path, idle: float, ready: int) -> None:
     last = time.monotonic()
     try:
         while trackers or time.monotonic() - last < idle:
-            timeout = None if trackers else idle - (time.monotonic() - last)
+            if not trackers and where.name != f"tracker-{code_digest()}.sock":
+                break  # trainpipe or a package was changed: later runs use a new one
+            timeout = None if trackers else min(STALE_CHECK, idle - (time.monotonic() - last))
             for key, _ in selector.select(timeout):
                 if key.fileobj is listener:
                     conn, _ = listener.accept()
