@@ -12,7 +12,7 @@ S3 lake, the same path for a local one (a LocalCluster's workers inherit both).
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -101,9 +101,14 @@ def connected(cfg: DictConfig, notice: Callable[[str], None]) -> Iterator[dict[s
             raise ClusterError(f"Dask: lost the connection to the scheduler ({exc}). "
                                f"{RESUMES}") from None
     finally:
-        client.close()
+        # Closing a LocalCluster while a nanny restarts a worker that just died can raise
+        # inside distributed ("can only join a started process", seen once): the run's own
+        # outcome (its error in words, above) stands.
+        with suppress(Exception):
+            client.close()
         if cluster is not None:
-            cluster.close()
+            with suppress(Exception):
+                cluster.close()
 
 
 def _quiet_workers():

@@ -193,7 +193,7 @@ class Tracker:
         try:
             while (message := self._outbox.get()) is not None:
                 self.conn.send_bytes(message)
-        except (OSError, ValueError) as exc:  # ValueError: discard() closed the connection
+        except (OSError, ValueError, TypeError) as exc:  # discard() closed the connection
             self._lose(exc)
 
     def _read(self) -> None:
