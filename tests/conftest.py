@@ -3,6 +3,7 @@ runs the real `trainpipe` command in a subprocess."""
 
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def pytest_unconfigure(config):
         return
     for lock in Path(folder).glob("*/*.lock"):
         with suppress(ValueError, OSError):
-            os.kill(int(lock.read_text()), 15)
+            os.kill(int(lock.read_text()), signal.SIGTERM)
     shutil.rmtree(folder, ignore_errors=True)
 
 

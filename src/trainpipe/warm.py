@@ -114,9 +114,7 @@ def warm_fork(fd: int, log_fd: int) -> "Forked | None":
     except OSError:
         sock.close()
         return None
-    forked = Forked(sock)
-    forked.started_warm_tracker = started is not None
-    return forked
+    return Forked(sock, started_warm_tracker=started is not None)
 
 
 def _connect(where: Path) -> socket.socket | None:
@@ -134,14 +132,14 @@ class Forked:
     forked. Its pid arrives once the warm tracker has forked it (after its imports, for
     the first run), its exit code when it has ended."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, started_warm_tracker: bool = False):
         self.sock = sock
+        self.started_warm_tracker = started_warm_tracker  # this run started the warm tracker
         self.pid: int | None = None
         self.returncode: int | None = None
         self._pidfd: int | None = None
         self._buffer = b""
         self._lock = threading.Lock()
-        self.started_warm_tracker = False  # this run started the warm tracker
         sock.setblocking(False)
 
     def poll(self) -> int | None:
@@ -288,6 +286,7 @@ def serve(where: Path, idle: float, ready: int) -> None:
         with suppress(OSError):
             if os.stat(where).st_ino == bound:  # not a newer warm tracker's
                 where.unlink()
+        lock.truncate(0)  # its pid, once it has ended, could be another process's
 
 
 def _import_everything() -> None:
@@ -313,6 +312,7 @@ def _import_everything() -> None:
 def _fork(conn: socket.socket, close: list[int]) -> int | None:
     """Fork a tracker for the request on `conn`; its pid, None for a request withdrawn."""
     conn.settimeout(5)
+    fds: list[int] = []
     try:
         peer_uid = struct.unpack("3i", conn.getsockopt(
             socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
@@ -331,7 +331,7 @@ def _fork(conn: socket.socket, close: list[int]) -> int | None:
                 request = None  # withdrawn: the run ended before its tracker was forked
         conn.setblocking(True)
     except (OSError, ValueError, struct.error, pickle.UnpicklingError):
-        request, fds = None, locals().get("fds", [])
+        request = None
     if request is None or len(fds) != 2:
         for fd in fds:
             os.close(fd)
@@ -349,7 +349,7 @@ def _fork(conn: socket.socket, close: list[int]) -> int | None:
 
 def _become_tracker(request: dict, fd: int, log_fd: int, close: list[int]) -> None:
     """In the forked child: take on the run's environment and folder, serve it, exit."""
-    code = 1
+    code = 1  # as a started tracker told to stop, or failing
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -367,11 +367,9 @@ def _become_tracker(request: dict, fd: int, log_fd: int, close: list[int]) -> No
         from trainpipe import report, tracker
 
         report._default_params.cache_clear()  # the defaults read the run's environment
-        try:
+        with suppress(tracker.Stopped):
             tracker.serve(fd, request["owner"])
             code = 0
-        except tracker.Stopped:
-            code = 1
     except BaseException:  # noqa: BLE001 - told in the run's log, as a started tracker would
         import traceback
 
