@@ -54,23 +54,26 @@ def reused(parent: pd.Series) -> list[str]:
 
 def test_mlflow_is_imported_only_where_runs_are_written(demo_lake):
     """The pipeline's process never imports MLflow: a full run writes its runs (and
-    registers its model) through the tracker process; an up-to-date run writes none."""
-    def run() -> tuple[str, set[str]]:  # what it printed, the packages it imported
+    registers its model) through the tracker process; an up-to-date run writes none, and
+    loads no pandas, numpy or pyarrow either (deferred.py: their imports stay shells)."""
+    def run() -> tuple[str, set[str], set[str]]:  # printed; packages, modules imported
         result = subprocess.run(
             [sys.executable, "-X", "importtime", "-m", "trainpipe", "run", *FAST],
             cwd=demo_lake, capture_output=True, text=True, timeout=240)
         assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-        return result.stdout, {line.rsplit("|", 1)[1].strip().split(".")[0]
-                               for line in result.stderr.splitlines()
-                               if line.startswith("import time:")}
+        modules = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                   if line.startswith("import time:")}
+        return result.stdout, {m.split(".")[0] for m in modules}, modules
 
+    loaded = {"pandas.core.frame", "numpy.linalg", "pyarrow.lib"}  # only when executed
     config.compose(FAST)  # kept composed: the runs need not import Hydra either
-    printed, packages = run()
-    assert "register" in printed and "sklearn" in packages
+    printed, packages, modules = run()
+    assert "register" in printed and "sklearn" in packages and loaded <= modules
     assert "mlflow" not in packages and "hydra" not in packages
-    printed, packages = run()
+    printed, packages, modules = run()
     assert "up to date" in printed
     assert "mlflow" not in packages and "hydra" not in packages
+    assert not loaded & modules
 
 
 def test_the_change_matrix(finished_lake):

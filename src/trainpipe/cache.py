@@ -27,10 +27,11 @@ import trainpipe
 
 
 def code_modules(module: ModuleType) -> list[str]:
-    """The step module and the trainpipe modules it imports names from."""
+    """The step module and the trainpipe modules it imports names from. (`__spec__`
+    names a module without loading it when its import is deferred: see deferred.py.)"""
     used = {module.__name__}
     for value in vars(module).values():
-        name = value.__name__ if isinstance(value, ModuleType) else getattr(
+        name = value.__spec__.name if isinstance(value, ModuleType) else getattr(
             value, "__module__", None)
         if isinstance(name, str) and name.startswith("trainpipe."):
             used.add(name)
@@ -40,7 +41,7 @@ def code_modules(module: ModuleType) -> list[str]:
 def code_version(module: ModuleType) -> str:
     sha = hashlib.sha256()
     for name in code_modules(module):
-        sha.update(Path(sys.modules[name].__file__).read_bytes())
+        sha.update(Path(sys.modules[name].__spec__.origin).read_bytes())
     return f"{trainpipe.__version__}+{sha.hexdigest()[:16]}"
 
 

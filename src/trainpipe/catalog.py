@@ -17,6 +17,8 @@ pipeline's parent run records from them (metrics, tags): read from the verified 
 re-run that redoes nothing still reports them without MLflow.
 """
 
+from __future__ import annotations
+
 import io
 import json
 import pickle
@@ -36,7 +38,7 @@ Files = dict[str, bytes]
 class Read:
     """A published output's files, each checked against its manifest digest when read."""
 
-    def __init__(self, catalog: "Catalog", step: str, manifest: dict):
+    def __init__(self, catalog: Catalog, step: str, manifest: dict):
         self.catalog, self.step, self.manifest = catalog, step, manifest
 
     def __call__(self, file: str) -> bytes:

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from trainpipe.deferred import imports_deferred
 from trainpipe.errors import GateFailed, Interrupted, TrainpipeError
 from trainpipe.redaction import redact_text
 
@@ -77,8 +78,9 @@ def run(overrides: Overrides = None, multirun: Multirun = False, cfg: PrintCfg =
         overrides_text: OverridesText = None) -> None:
     """Run the pipeline: ingest, validate, split, features, train, evaluate, register. Steps
     whose output is already published (same data, code and config) are reused, not redone."""
-    _execute((first, last), _overrides(overrides, overrides_text), multirun, cfg, config_dir,
-             verbose, force)
+    with imports_deferred():  # an unchanged run needs no pandas: see deferred.py
+        _execute((first, last), _overrides(overrides, overrides_text), multirun, cfg, config_dir,
+                 verbose, force)
 
 
 @app.command()
@@ -86,8 +88,9 @@ def step(name: StepName, overrides: Overrides = None, multirun: Multirun = False
          cfg: PrintCfg = None, config_dir: ConfigDir = None, verbose: Verbose = False,
          force: Force = False, overrides_text: OverridesText = None) -> None:
     """Run one step alone, reading its inputs from the lake (same as --from NAME --to NAME)."""
-    _execute((name, name), _overrides(overrides, overrides_text), multirun, cfg, config_dir,
-             verbose, force)
+    with imports_deferred():  # an unchanged run needs no pandas: see deferred.py
+        _execute((name, name), _overrides(overrides, overrides_text), multirun, cfg, config_dir,
+                 verbose, force)
 
 
 @app.command()

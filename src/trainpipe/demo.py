@@ -1,6 +1,8 @@
 """Synthetic hotel-booking data: the same columns and value ranges as the real hotel
 data, with a cancellation target that depends on the features (so a model can learn)."""
 
+from __future__ import annotations
+
 import numpy as np
 import pandas as pd
 

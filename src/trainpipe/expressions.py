@@ -12,6 +12,8 @@ loads and predicts without trainpipe installed. Hence the evaluator below the pa
 uses only numpy, pandas and the standard library.
 """
 
+from __future__ import annotations
+
 import ast
 import difflib
 import functools
@@ -284,11 +286,13 @@ OPERATORS: dict[str, Callable] = {
     "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
     "//": operator.floordiv, "%": operator.mod, "**": operator.pow,
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
-    "==": operator.eq, "!=": operator.ne, "&": np.logical_and, "|": np.logical_or,
+    "==": operator.eq, "!=": operator.ne,
+    "&": lambda a, b: np.logical_and(a, b), "|": lambda a, b: np.logical_or(a, b),
 }
-UFUNCS: dict[str, Callable] = {
-    "abs": np.abs, "sqrt": np.sqrt, "log": np.log, "log1p": np.log1p, "exp": np.exp,
-    "min": np.minimum, "max": np.maximum, "clip": np.clip, "where": np.where,
+# numpy's functions by name: an unchanged run imports this module, and no numpy (deferred.py)
+UFUNCS: dict[str, str] = {
+    "abs": "abs", "sqrt": "sqrt", "log": "log", "log1p": "log1p", "exp": "exp",
+    "min": "minimum", "max": "maximum", "clip": "clip", "where": "where",
 }
 
 
@@ -319,8 +323,8 @@ def _evaluate(tree: Tree, frame: pd.DataFrame, derived: dict[str, np.ndarray]):
     if tag == "call":
         args = [_evaluate(arg, frame, derived) for arg in tree[2]]
         if tree[1] in ("min", "max"):
-            return functools.reduce(UFUNCS[tree[1]], args)
-        return UFUNCS[tree[1]](*args)
+            return functools.reduce(getattr(np, UFUNCS[tree[1]]), args)
+        return getattr(np, UFUNCS[tree[1]])(*args)
     if tag == "negate":
         return -_as_number(_evaluate(tree[1], frame, derived))
     if tag == "not":

@@ -15,6 +15,8 @@ then the error says what went wrong in words: a bucket that does not exist, cred
 refused, an endpoint that cannot be reached.
 """
 
+from __future__ import annotations
+
 import copy
 import errno
 import hashlib
@@ -758,10 +760,10 @@ def read_part(root: str, prefix: str, name: str, entry: dict) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(data))
 
 
-_lakes: dict[str, "Lake"] = {}
+_lakes: dict[str, Lake] = {}
 
 
-def _lake(root: str) -> "Lake":
+def _lake(root: str) -> Lake:
     """One Lake per root in a worker process (each opens its filesystem once)."""
     if root not in _lakes:
         _lakes[root] = Lake(root)

@@ -20,7 +20,7 @@ from types import ModuleType
 
 from omegaconf import DictConfig
 
-from trainpipe import cache, cluster, demo, lake
+from trainpipe import cache, cluster, deferred, demo, lake
 from trainpipe.catalog import Catalog, outputs, stored
 from trainpipe.errors import ConfigError, Interrupted
 from trainpipe.lake import DamagedOutput
@@ -165,6 +165,7 @@ def run(cfg: DictConfig, overrides: list[str], first: str | None = None,
             if all(reused[s.name] is not None for s in steps) and not recorded:
                 _report_up_to_date(catalog, steps, reused, result, on_step)
                 return result
+            deferred.load_now()  # work ahead (a `mlflow run` records even reused steps)
             tracker = tracker or Tracker.start()
             compute = (cluster.connected(cfg, on_notice) if cluster.enabled(cfg)
                        else nullcontext({}))
@@ -191,6 +192,8 @@ def plan(catalog: Catalog, steps: list[Step], force: bool,
     damaged: set[str] = set()
     while True:
         reused = _reusable(catalog, steps, force, damaged, notice)
+        if None in reused.values():
+            deferred.load_now()  # work ahead: see deferred.py
         try:
             for step in steps:
                 if reused[step.name] is not None:

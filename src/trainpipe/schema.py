@@ -6,7 +6,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from trainpipe.coerce import FALSE_VALUES, NA_VALUES, TRUE_VALUES
+from trainpipe import coerce
 from trainpipe.errors import ConfigError
 
 TYPES = ("int", "float", "str", "bool", "datetime")
@@ -168,9 +168,9 @@ def parse_options(dataset: DictConfig) -> dict[str, list[str]]:
         value = dataset.get(key)
         return [str(v) for v in value] if value is not None else list(default)
 
-    return {"na_values": texts("na_values", NA_VALUES),
-            "true_values": texts("true_values", TRUE_VALUES),
-            "false_values": texts("false_values", FALSE_VALUES)}
+    return {"na_values": texts("na_values", coerce.NA_VALUES),
+            "true_values": texts("true_values", coerce.TRUE_VALUES),
+            "false_values": texts("false_values", coerce.FALSE_VALUES)}
 
 
 def column_kind(spec: DictConfig) -> str:

@@ -1,5 +1,7 @@
 """evaluate: metrics on the validation and test splits, and plots of the test split."""
 
+from __future__ import annotations
+
 import io
 
 import numpy as np

@@ -6,6 +6,8 @@ trainpipe.coerce and trainpipe.expressions stored by value in the pickle, so the
 model needs nothing from trainpipe to load.
 """
 
+from __future__ import annotations
+
 import pandas as pd
 from omegaconf import DictConfig
 

@@ -1,5 +1,7 @@
 """ingest: read the raw training data (and scoring data) from any URL, with digests."""
 
+from __future__ import annotations
+
 import io
 import re
 from dataclasses import dataclass

@@ -6,6 +6,8 @@ one), `prediction`, one `proba_<class>` column per class for classification, and
 with the same `score` function, chunk by chunk.
 """
 
+from __future__ import annotations
+
 from collections.abc import Iterator
 
 import pandas as pd

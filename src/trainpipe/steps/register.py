@@ -19,6 +19,8 @@ registry.py, the one module that talks to the Model Registry. So it runs in the 
 process, where MLflow is open already (pipeline.in_tracker).
 """
 
+from __future__ import annotations
+
 import json
 from dataclasses import dataclass, field
 from functools import cache
@@ -54,7 +56,7 @@ class Criteria:
     higher_is_better: bool
 
     @classmethod
-    def of(cls, cfg: DictConfig) -> "Criteria":
+    def of(cls, cfg: DictConfig) -> Criteria:
         gate = cfg.registry.gate
         metric, higher = PRIMARY[cfg.dataset.task]
         bounds = OmegaConf.to_container(gate.metrics, resolve=True) if gate.metrics else {}

@@ -1,6 +1,8 @@
 """split: a seeded train/validation/test split, stratified for classification, the same
 rows whether the table is one pandas frame or Dask partitions."""
 
+from __future__ import annotations
+
 import itertools
 import math
 

@@ -4,6 +4,8 @@ The output is the whole inference pipeline (features + estimator), so the logged
 predicts on raw rows exactly as training saw them.
 """
 
+from __future__ import annotations
+
 import contextlib
 import io
 import re

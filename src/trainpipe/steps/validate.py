@@ -4,6 +4,8 @@ Every row and column is checked (lazily, so all failures are reported at once). 
 report (JSON and Markdown, with per-column statistics) is recorded on success too.
 """
 
+from __future__ import annotations
+
 import json
 import math
 import os
