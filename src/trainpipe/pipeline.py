@@ -579,7 +579,7 @@ def _publish(step: Step, outputs: dict, report, run, parent, catalog: Catalog, t
                 step.name, outputs, lambda model, example: tracking.log_model(
                     run, model, example).result(), run_id=run.result(),
                 pipeline_run_id=parent.result())
-        tracking.record(run, report.finished())
+        tracking.record(run, _told(report.finished(), step_result))
         if manifest:
             _collect(result, *catalog.record(step.name, manifest), tracking, parent, new=True)
         publisher.end(step_result, lambda: tracking.end_run(run, "FINISHED"))
@@ -587,6 +587,16 @@ def _publish(step: Step, outputs: dict, report, run, parent, catalog: Catalog, t
     except BaseException:
         publisher.end(step_result, lambda: tracking.end_run(run, "FAILED"), "failed")
         raise
+
+
+def _told(report, step_result: StepResult):
+    """The report with what the terminal told of the step, for the run report's page."""
+    from dataclasses import replace
+
+    from trainpipe.report import SECONDS, SUMMARY
+
+    return replace(report, tags=report.tags | {SUMMARY: step_result.summary,
+                                               SECONDS: f"{step_result.seconds:.3f}"})
 
 
 def _record_failure_report(tracking, run, exc: Exception) -> None:

@@ -118,14 +118,14 @@ class Tracking:
     def write_report(self, parent: str, status: str, seconds: float, steps: list[dict],
                      error: str | None = None) -> str:
         """The end of a pipeline run, before its runs end `status`: record how long it took
-        and why it failed (`error`) on the parent, how each step went (`steps`: name, seconds
-        and summary, as the pipeline measured and told them) on its run, then build
-        report.html from what the store holds and log it on the parent. Returns where the
-        page is."""
+        and why it failed (`error`) on the parent, how each step that did not finish went
+        (`steps`: name, seconds and summary, as the pipeline measured and told them; a
+        finished step's came with its record) on its run, then build report.html from what
+        the store holds and log it on the parent. Returns where the page is."""
         from trainpipe import report
 
         for step in steps:
-            if step["name"] in self._steps:
+            if step["name"] in self._steps and step["status"] != "done":
                 self.set_tags(self._steps[step["name"]], {
                     report.SUMMARY: shorten(step["summary"], TAG_LIMIT),
                     report.SECONDS: f"{step['seconds']:.3f}"})
@@ -206,7 +206,8 @@ class Tracking:
             run_id,
             metrics=[Metric(k, float(v), 0, 0) for k, v in report.metrics.items()],
             params=[Param(k, _param_value(v)) for k, v in report.params.items()],
-            tags=[RunTag(k, redact_text(str(v))) for k, v in report.tags.items()],
+            tags=[RunTag(k, shorten(redact_text(str(v)), TAG_LIMIT))
+                  for k, v in report.tags.items()],
             synchronous=True,
         )
         self._log_files(run_id, report.artifacts)
