@@ -14,6 +14,7 @@ name numpy's functions (expressions.py).
 """
 
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -49,11 +50,7 @@ class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name not in DEFERRED:
             return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)  # where import finds it
         if spec is not None and spec.loader is not None:
             spec.loader = _Loader(spec.loader)
         return spec

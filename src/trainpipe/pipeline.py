@@ -593,10 +593,10 @@ def _told(report, step_result: StepResult):
     """The report with what the terminal told of the step, for the run report's page."""
     from dataclasses import replace
 
-    from trainpipe.report import SECONDS, SUMMARY
+    from trainpipe.report import step_tags
 
-    return replace(report, tags=report.tags | {SUMMARY: step_result.summary,
-                                               SECONDS: f"{step_result.seconds:.3f}"})
+    return replace(report, tags=report.tags | step_tags(step_result.summary,
+                                                        step_result.seconds))
 
 
 def _record_failure_report(tracking, run, exc: Exception) -> None:

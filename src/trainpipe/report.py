@@ -27,7 +27,8 @@ from trainpipe.errors import ConfigError
 from trainpipe.redaction import redact_text, redact_uri
 
 REPORT = "report.html"
-# Recorded at the end of a run (tracking.Tracking.write_report), read here:
+# Recorded with a finished step's record (pipeline._publish) or at the end of the run
+# (tracking.Tracking.write_report), read here:
 SUMMARY = "trainpipe.summary"  # on a step run: its one line in the terminal
 SECONDS = "trainpipe.seconds"  # on a step run and the parent: its time, as the pipeline
 # measured it
@@ -95,6 +96,11 @@ class Record:
 
 
 # ------------------------------------------------------------------ reading MLflow
+
+
+def step_tags(summary: str, seconds: float) -> dict[str, str]:
+    """What a step run carries of what the terminal told: the page reads it back."""
+    return {SUMMARY: summary, SECONDS: f"{seconds:.3f}"}
 
 
 def build(client, run_id: str, status: str | None = None) -> bytes:

@@ -126,11 +126,10 @@ class Tracking:
 
         for step in steps:
             if step["name"] in self._steps and step["status"] != "done":
-                self.set_tags(self._steps[step["name"]], {
-                    report.SUMMARY: shorten(step["summary"], TAG_LIMIT),
-                    report.SECONDS: f"{step['seconds']:.3f}"})
+                self.set_tags(self._steps[step["name"]],
+                              report.step_tags(step["summary"], step["seconds"]))
         self.set_tags(parent, {report.SECONDS: f"{seconds:.3f}"}
-                      | ({report.ERROR: shorten(error, TAG_LIMIT)} if error else {}))
+                      | ({report.ERROR: error} if error else {}))
         self._log_files(parent, {report.REPORT: report.build(self.client, parent, status)})
         return report.location(self.client.get_run(parent).info.artifact_uri)
 
@@ -206,8 +205,7 @@ class Tracking:
             run_id,
             metrics=[Metric(k, float(v), 0, 0) for k, v in report.metrics.items()],
             params=[Param(k, _param_value(v)) for k, v in report.params.items()],
-            tags=[RunTag(k, shorten(redact_text(str(v)), TAG_LIMIT))
-                  for k, v in report.tags.items()],
+            tags=_run_tags(report.tags),
             synchronous=True,
         )
         self._log_files(run_id, report.artifacts)
@@ -223,7 +221,7 @@ class Tracking:
         return redact_uri(self.client.get_run(run_id).info.artifact_uri)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, redact_text(v)) for k, v in tags.items()])
+        self.client.log_batch(run_id, tags=_run_tags(tags))
 
     def log_metrics(self, run_id: str, metrics: dict[str, float],
                     model_uri: str | None = None) -> None:
@@ -303,6 +301,11 @@ class Tracking:
             for name, content in files.items():
                 (Path(tmp) / name).write_bytes(content)
             self.client.log_artifacts(run_id, tmp)
+
+
+def _run_tags(tags: dict) -> list:
+    """Tags as MLflow takes them: secrets redacted, long values (an error) shortened."""
+    return [RunTag(k, shorten(redact_text(str(v)), TAG_LIMIT)) for k, v in tags.items()]
 
 
 def _signature(example, predictions):
