@@ -55,6 +55,26 @@ def test_a_signal_during_train_ends_runs_killed(demo_lake, signals):
                                  "features": "FINISHED"}
 
 
+def test_a_ctrl_c_during_the_exit_after_an_interrupt_still_exits_130(demo_lake):
+    """The runs are ended and the command is on its way out when the second Ctrl-C lands:
+    it exits 130 as said, not killed by the signal in the interpreter's exit (-2)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainpipe", "run", "model.params.n_estimators=3000",
+         "model.params.n_jobs=1"],
+        cwd=demo_lake, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "▶ train" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:
+        if "runs marked KILLED" in line:
+            break
+    while proc.poll() is None:  # Ctrl-C held down: some land in every moment of the exit
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.005)
+    assert proc.returncode == 130
+
+
 @pytest.mark.parametrize("moment", [("register", "running"), ("evaluate", "done")],
                          ids=["as register starts", "as evaluate is done"])
 def test_ctrl_c_at_a_step_boundary_is_told_as_mlflow_records_it(demo_lake, monkeypatch,

@@ -734,12 +734,26 @@ def _fail(exc: TrainpipeError, verbose: bool):
     raise typer.Exit(_report_error(exc, verbose))
 
 
+def _exiting_interrupted() -> None:
+    """The runs are ended and the program exits 130: a further Ctrl-C (often pressed twice)
+    must not land in the interpreter's exit, which would then die by the signal."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
+        _exiting_interrupted()
         err.print("interrupted")
         sys.exit(130)
+    except SystemExit as exiting:
+        if exiting.code == 130:
+            _exiting_interrupted()
+        raise
     finally:
         # A run leaves millions of objects behind (MLflow, pandas, scikit-learn); freezing
         # them spares the collector's final pass over them at exit (about a second).
