@@ -43,6 +43,8 @@ def start_paused_in_migrations(folder: Path, *args: str, warm: bool = True
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     if not warm:
         env["TRAINPIPE_WARM_TRACKER"] = "0"
+    # its tracker never answers: an interrupted run waits 4 s for it, not 20
+    env["TRAINPIPE_INTERRUPT_WAIT"] = "4"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
     cmd = (["-c", "from mlflow import MlflowClient; MlflowClient('sqlite:///mlflow.db')"]
            if args[0] == "mlflow" else ["-m", "trainpipe", *args])
@@ -74,11 +76,12 @@ def test_a_run_stopped_while_it_creates_the_store_leaves_no_half_store(demo_lake
         os.killpg(proc.pid, signal.SIGKILL)
     else:
         proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=60)
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
     else:  # unwound: its temporary file is gone with it
         assert proc.returncode == 130, stderr
+        assert "interrupted: ending the runs KILLED (at most 4 s;" in stdout
         assert store_files(folder) == []
     assert not (folder / "mlflow.db").exists()
 

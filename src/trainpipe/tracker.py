@@ -39,10 +39,12 @@ from typing import Any
 from trainpipe.errors import TrainpipeError
 from trainpipe.warm import Forked, warm_fork
 
-# How long this process waits for the tracker to finish what it was given, after an
-# interruption (marking runs KILLED on a server that no longer answers must not hang us).
-WAIT_AFTER_INTERRUPT = 15.0
-PUBLISH_GRACE = 5.0  # and before that, how long outputs already computed may take to publish
+# How long an interrupted run may take to end (marking runs KILLED on a server that no
+# longer answers must not hang us): outputs already computed may publish within the first
+# quarter, then the tracker has the rest to finish what it was given.
+INTERRUPT_WAIT = float(os.environ.get("TRAINPIPE_INTERRUPT_WAIT", "20"))
+PUBLISH_GRACE = INTERRUPT_WAIT / 4
+WAIT_AFTER_INTERRUPT = INTERRUPT_WAIT - PUBLISH_GRACE
 STOP = signal.SIGUSR1  # "stop now": the tracker ignores SIGINT/SIGTERM, meant for the group
 STOP_GRACE = 5.0  # seconds it has to unwind before it is killed
 

@@ -224,11 +224,15 @@ def test_a_frozen_s3_endpoint_fails_the_run_within_its_time_limit(server, databa
 def test_sigterm_ends_the_process_even_when_a_server_hangs(server, database, moto, aws_env,
                                                            tmp_path, frozen):
     root = f"sigterm-{frozen}"
-    proc, proxy = frozen_mid_run(moto, server, aws_env, tmp_path, root, s3=frozen == "s3")
+    # a frozen tracking server never answers: the run waits for it 4 s (of its
+    # TRAINPIPE_INTERRUPT_WAIT), not the default 20
+    wait = {"TRAINPIPE_INTERRUPT_WAIT": "4"} if frozen == "tracking" else {}
+    proc, proxy = frozen_mid_run(moto, server, aws_env, tmp_path, root, s3=frozen == "s3",
+                                 **wait)
     try:
         time.sleep(1)  # calls are now hanging on the frozen server
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)  # bounded: ~15 s to wind down, then exit
+        out, err = proc.communicate(timeout=120)  # bounded: it winds down, then exits
     finally:
         proxy.close()
     assert proc.returncode == 130, out + err
