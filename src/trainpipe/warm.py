@@ -287,6 +287,19 @@ def serve(where: Path, idle: float, ready: int) -> None:
             if os.stat(where).st_ino == bound:  # not a newer warm tracker's
                 where.unlink()
         lock.truncate(0)  # its pid, once it has ended, could be another process's
+        _clear(where)
+
+
+def _clear(where: Path) -> None:
+    """Leave no files behind: an empty .log (nothing went wrong) and the .lock, removed while
+    it is still held, so no other warm tracker holds it. A warm tracker starting at this
+    moment may lock the removed file and serve beside a newer one: harmless, and it idles out."""
+    with suppress(OSError):
+        log = where.with_suffix(".log")
+        if log.stat().st_size == 0:
+            log.unlink()
+    with suppress(OSError):
+        where.with_suffix(".lock").unlink()
 
 
 def _import_everything() -> None:
