@@ -145,6 +145,9 @@ def test_invalid_data_exits_3_and_publishes_nothing(workdir):
     assert result.returncode == 3
     assert "arrival_month" in result.stderr and "row 5: 13" in result.stderr
     assert "avg_price_per_room" in result.stderr and "2 rows" in result.stderr
+    (row,) = [line for line in result.stdout.splitlines() if line.strip().startswith("validate")]
+    cells = [cell.strip() for cell in row.split("│")]  # the summary table's row
+    assert cells[:2] == ["validate", "failed"] and cells[3] == "see the error below", row
     assert not (workdir / "lake/landing").exists()
     all_runs = runs(workdir)
     assert set(all_runs["status"]) == {"FINISHED", "FAILED"}  # ingest ok; validate + parent

@@ -277,7 +277,7 @@ def test_register_gate_promote_and_rollback(finished_lake):
     assert ("nothing to roll back to: version 1 of hotel_bookings is the first champion") in (
         " ".join(result.output.split()))
 
-    # 7. the list: versions with aliases, source runs, gate and test metrics
+    # 7. the list: versions with aliases, train runs, gate and test metrics
     result = trainpipe("registry", cwd=folder)  # (a wide terminal: run ids stay whole)
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())

@@ -4,6 +4,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import FAST, copy_store, trainpipe
-from trainpipe import demo, supervise
+from trainpipe import demo, serving, supervise
 
 pytestmark = pytest.mark.slow  # runs the pipeline end to end: not in the quick command
 
@@ -204,12 +205,30 @@ def test_the_printed_curl_example_scores_a_row(served):
     [line] = [line for line in served.lines if line.lstrip().startswith("predict")]
     command = line.split("predict", 1)[1].strip()
     assert command.startswith(f"curl -s {served.url}/invocations")
+    body = shlex.split(command)[-1]
+
+    def not_json(constant):
+        raise AssertionError(f"{constant} is not JSON: {body}")
+
+    payload = json.loads(body, parse_constant=not_json)  # strict JSON: missing is null
+    row = payload["dataframe_split"]["data"][0]
+    row[next(i for i, v in enumerate(row) if isinstance(v, float))] = None
+    status, answer = post(served.url, json.dumps(payload))  # and the server takes a null
+    assert status == 200 and len(answer["predictions"]) == 1, answer
     if shutil.which("curl") is None:
         pytest.skip("no curl on this machine")
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["predictions"]) == 1
+
+
+def test_the_curl_example_writes_a_missing_value_as_null(tmp_path):
+    """MLflow's serving_input_example.json writes a missing value as NaN, which is not JSON."""
+    (tmp_path / "serving_input_example.json").write_text(
+        '{"dataframe_split": {"columns": ["a", "b"], "data": [[NaN, 1.5], [2.0, 3.0]]}}')
+    model = serving.Model(uri=str(tmp_path), version=str(tmp_path), flavors=("sklearn",))
+    assert serving._example_row(model) == {"columns": ["a", "b"], "data": [[None, 1.5]]}
 
 
 def test_it_listens_on_loopback_only(served):

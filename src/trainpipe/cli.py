@@ -320,8 +320,8 @@ COUNTS = {"test_tn", "test_fp", "test_fn", "test_tp"}  # in the gate report, not
 @registry_app.command("list")
 def registry_list(words: RegistryWords = None, config_dir: ConfigDir = None,
                   verbose: Verbose = False) -> None:
-    """The versions of a registered model, newest first: aliases, source run, gate, test
-    metrics."""
+    """The versions of a registered model, newest first: aliases, the train step's run that
+    logged it, gate, test metrics."""
     from trainpipe.steps.evaluate import PRIMARY
 
     try:
@@ -334,7 +334,7 @@ def registry_list(words: RegistryWords = None, config_dir: ConfigDir = None,
     out.print(f"[bold]{name}[/] · tracking {redact_text(registry.uri)}", highlight=False,
               soft_wrap=True)
     table = Table(show_edge=False)
-    for col in ("version", "aliases", "registered (UTC)", "source run", "gate", "test metrics"):
+    for col in ("version", "aliases", "registered (UTC)", "train run", "gate", "test metrics"):
         table.add_column(col, overflow="fold")
     for v in versions:
         primary = f"test_{PRIMARY.get(v.tags.get('trainpipe.task'), ('', True))[0]}"
@@ -620,7 +620,7 @@ def _run_one(cfg, overrides, span, force, verbose, tracker, on_result=None) -> i
         else:
             mark = {"done": "[green]✓[/]", "cached": "[blue]=[/]", "failed": "[red]✗[/]",
                     "killed": "[yellow]■[/]"}
-            out.print(f"  {mark[r.status]} {r.name:<9} {r.seconds:6.2f}s  {r.summary}",
+            out.print(f"  {mark[r.status]} {r.name:<9} {r.seconds:6.2f}s  {_said(r)}",
                       highlight=False, soft_wrap=True)
 
     result = pipeline.run(cfg, overrides, *span, force=force, on_step=on_step,
@@ -654,7 +654,7 @@ def _summary(cfg, result) -> None:
         for col in ("step", "status", "seconds", "result"):
             table.add_column(col)
         for r in result.steps:
-            table.add_row(r.name, r.status, f"{r.seconds:.2f}", r.summary)
+            table.add_row(r.name, r.status, f"{r.seconds:.2f}", _said(r))
         out.print(table)
     for name, value in sorted(result.metrics.items()):
         if name.startswith("test_"):
@@ -675,6 +675,11 @@ def _summary(cfg, result) -> None:
         out.print(f"  gate        {result.tags['trainpipe.gate.decision']}", highlight=False,
                   soft_wrap=True)
     _browse_hint(cfg, "  browse      ")
+
+
+def _said(step) -> str:
+    """A step's result in a line; a failed step's reason comes after the summary, in full."""
+    return step.summary or ("see the error below" if step.status == "failed" else "")
 
 
 def _notice(message: str) -> None:

@@ -391,7 +391,9 @@ def _example_row(model: Model) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             path = _download(model.version, "serving_input_example.json", tmp)
             split = json.loads(Path(path).read_text())["dataframe_split"]
-        return {"columns": split["columns"], "data": split["data"][:1]}
+        # MLflow writes a missing value as NaN, which strict JSON parsers reject: null
+        row = [None if isinstance(v, float) and v != v else v for v in split["data"][0]]
+        return {"columns": split["columns"], "data": [row]}
     except Exception:  # noqa: BLE001 - a model without an example: its columns, values to fill
         from mlflow.models import Model as MlflowModel
 
