@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from tests.conftest import compose, trainpipe
@@ -130,6 +132,26 @@ def test_a_kept_config_follows_its_files_and_the_environment(task_config, tmp_pa
     assert compose().tracking.uri == "sqlite:///one.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///two.db")
     assert compose().tracking.uri == "sqlite:///two.db"
+
+
+def test_the_kept_configs_used_last_stay(tmp_path, monkeypatch):
+    """Beyond KEEP_COMPOSED configs the least recently used go: a config used by every run
+    stays however many others come and go (the suite found the oldest going instead)."""
+    from trainpipe import config
+
+    monkeypatch.setattr(config, "COMPOSED", tmp_path / "composed")
+    monkeypatch.setattr(config, "KEEP_COMPOSED", 2)
+    compose("seed=1")
+    compose("seed=2")
+    first, second = sorted((tmp_path / "composed").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    os.utime(first, (1000, 1000))  # seed=1 kept first, seed=2 after it
+    os.utime(second, (2000, 2000))
+    kept = {p.read_text() for p in (first, second)}
+    used = first.read_text()
+    compose("seed=1" if '"seed": 1' in used else "seed=2")  # the older one, used again
+    compose("seed=3")
+    left = {p.read_text() for p in (tmp_path / "composed").glob("*.json")}
+    assert len(left) == 2 and used in left and not (kept - {used}) & left
 
 
 def test_an_empty_mlflow_tracking_uri_means_unset(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Compose the Hydra config: package defaults + a user's --config-dir + overrides."""
 
+import contextlib
 import itertools
 import json
 import os
@@ -73,6 +74,9 @@ def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
     except (OSError, ValueError, OmegaConfBaseException):
         cfg = _hydra_compose(overrides, config_dir)
         _keep(kept, json.dumps(OmegaConf.to_container(cfg, resolve=False)))
+    else:  # used: the least recently used go first (a config used every run is kept)
+        with contextlib.suppress(OSError):
+            os.utime(kept)
     OmegaConf.set_struct(cfg, False)
     try:
         OmegaConf.resolve(cfg)
@@ -100,7 +104,7 @@ def _hydra_compose(overrides: list[str], config_dir: str | None) -> DictConfig:
 
 COMPOSED = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainpipe" / (
     "composed")
-KEEP_COMPOSED = 500  # configs kept; the oldest go beyond that
+KEEP_COMPOSED = 500  # configs kept; the least recently used go beyond that
 
 
 def _compose_digest(overrides: list[str], config_dir: str | None) -> str:
