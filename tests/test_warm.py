@@ -53,10 +53,11 @@ def parent_of(pid: int) -> int:
 def forked(tracker: Tracker) -> int:
     """The pid of a forked tracker, once the warm tracker has said it."""
     deadline = time.monotonic() + 120
-    while tracker.proc.pid is None and time.monotonic() < deadline:
-        tracker.proc.poll()
+    while tracker.proc.pid is None and tracker.proc.poll() is None and (
+            time.monotonic() < deadline):
         time.sleep(0.05)
-    assert tracker.proc.pid is not None, "the warm tracker never forked a tracker"
+    assert tracker.proc.pid is not None, (
+        f"the warm tracker never forked a tracker (exit {tracker.proc.returncode})")
     return tracker.proc.pid
 
 
@@ -115,6 +116,26 @@ def test_an_idle_warm_tracker_ends_and_takes_its_socket_along(warm_folder, monke
         time.sleep(0.1)
     assert not alive(server)
     assert not list(warm_folder.glob("*/*"))  # no socket, lock or empty log left behind
+
+
+def test_a_run_that_asked_before_the_code_changed_is_served(warm_folder, monkeypatch):
+    """The code changes (an upgrade, an edit) between a run finding its warm tracker's
+    address and the warm tracker's first look at its code: the run is served all the same
+    (it lost its tracker before), and the warm tracker ends once idle."""
+    monkeypatch.setenv(warm.ENV, "1")
+    stale = warm_folder / f"trainpipe-{os.getuid()}" / "tracker-0000000000000000.sock"
+    stale.parent.mkdir(mode=0o700)
+    monkeypatch.setattr(warm, "address", lambda: stale)  # not this code's digest
+    tracker = Tracker.start()
+    assert isinstance(tracker.proc, warm.Forked)
+    forked(tracker)
+    (server,) = warm_pids(warm_folder)
+    tracker.close(120)
+    assert tracker.proc.returncode == 0
+    deadline = time.monotonic() + 120
+    while alive(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(server)
 
 
 def test_turned_off_each_run_starts_its_own_tracker(warm_folder, monkeypatch):

@@ -267,10 +267,13 @@ def serve(where: Path, idle: float, ready: int) -> None:
     last = time.monotonic()
     try:
         while trackers or time.monotonic() - last < idle:
-            if not trackers and where.name != f"tracker-{code_digest()}.sock":
-                break  # trainpipe or a package was changed: later runs use a new one
             timeout = None if trackers else min(STALE_CHECK, idle - (time.monotonic() - last))
-            for key, _ in selector.select(timeout):
+            events = selector.select(timeout)
+            if not events and not trackers and where.name != f"tracker-{code_digest()}.sock":
+                # trainpipe or a package was changed: later runs use a new one. Only when
+                # idle: a run that connected before the change is served, not dropped.
+                break
+            for key, _ in events:
                 if key.fileobj is listener:
                     conn, _ = listener.accept()
                     pid = _fork(conn, [listener.fileno(), wake_r, wake_w, lock.fileno(),
