@@ -25,9 +25,8 @@ def manifests(workdir, zone: str) -> dict[str, list[tuple]]:
 
 
 def test_full_run_on_a_local_cluster_then_a_changed_byte_in_the_source(demo_lake):
-    """A full run in parts, train again (the same model), then a changed byte in the source
-    (both stories start with the same full run), after which the same run again is up to
-    date."""
+    """A full run in parts, train again (the same model), then a changed byte in the source,
+    after which the same run again is up to date."""
     result = trainpipe("run", *DASK, *LIGHTGBM, cwd=demo_lake)
     assert result.returncode == 0, result.stdout + result.stderr
     landing = manifests(demo_lake, "landing")

@@ -66,13 +66,18 @@ def test_a_ctrl_c_during_the_exit_after_an_interrupt_still_exits_130(demo_lake):
         if "▶ train" in line:
             break
     proc.send_signal(signal.SIGINT)
+    said = []
     for line in proc.stderr:
+        said.append(line)
         if "runs marked KILLED" in line:
             break
-    while proc.poll() is None:  # Ctrl-C held down: some land in every moment of the exit
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.005)
-    assert proc.returncode == 130
+    deadline = time.monotonic() + 120  # a bound on a hang, not a time limit
+    while proc.poll() is None and time.monotonic() < deadline:  # Ctrl-C held down: some
+        proc.send_signal(signal.SIGINT)                            # land in every moment
+        time.sleep(0.005)                                          # of the exit
+    if proc.poll() is None:
+        proc.kill()
+    assert proc.wait() == 130, "".join(said) + proc.stderr.read()
 
 
 @pytest.mark.parametrize("moment", [("register", "running"), ("evaluate", "done")],
@@ -173,3 +178,19 @@ def test_no_caller_blocks_on_a_tracker_that_stopped_reading():
     for pending in answered.values():
         with pytest.raises(TrackerLost):
             pending.result(60)
+
+
+def test_ctrl_c_in_a_sweep_stops_the_sweep(demo_lake, monkeypatch):
+    """Ctrl-C during the first job of `run -m`: that job ends KILLED, the next never starts,
+    and the command exits 130."""
+    from trainpipe.steps import train
+
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(demo_lake)
+    monkeypatch.setattr(train, "run", pressed)
+    result = CliRunner().invoke(app, ["run", "-m", "seed=1,2", *FAST])
+    assert result.exit_code == 130, result.output
+    assert "job 1/2: seed=1" in result.output and "job 2/2" not in result.output
+    assert statuses(demo_lake)["pipeline"] == "KILLED"

@@ -43,7 +43,7 @@ def start_paused_in_migrations(folder: Path, *args: str, warm: bool = True
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     if not warm:
         env["TRAINPIPE_WARM_TRACKER"] = "0"
-    # its tracker never answers: an interrupted run waits 4 s for it, not 20
+    # its tracker never answers: an interrupted run waits 4 s for it, not 20 (and stops it)
     env["TRAINPIPE_INTERRUPT_WAIT"] = "4"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
     cmd = (["-c", "from mlflow import MlflowClient; MlflowClient('sqlite:///mlflow.db')"]
@@ -81,7 +81,8 @@ def test_a_run_stopped_while_it_creates_the_store_leaves_no_half_store(demo_lake
         assert proc.returncode == -signal.SIGKILL
     else:  # unwound: its temporary file is gone with it
         assert proc.returncode == 130, stderr
-        assert "interrupted: ending the runs KILLED (at most 4 s;" in stdout
+        # 4 s of waits, and 5 s more if the tracker does not unwind when stopped
+        assert "interrupted: ending the runs KILLED (at most 9 s;" in stdout
         assert store_files(folder) == []
     assert not (folder / "mlflow.db").exists()
 

@@ -603,6 +603,8 @@ def _execute(span, overrides, multirun, print_cfg, config_dir, verbose, force) -
             out.rule(f"job {i + 1}/{len(jobs)}: {' '.join(job) or '(defaults)'}")
         codes.append(_run_one(job_cfg, job, span, force, verbose,
                               tracker if i == 0 else Tracker.start()))
+        if codes[-1] == 130:  # Ctrl-C stops the sweep, not just this job
+            break
     if any(codes):
         raise typer.Exit(max(codes))
 
@@ -625,6 +627,8 @@ def _run_one(cfg, overrides, span, force, verbose, tracker, on_result=None) -> i
 
     result = pipeline.run(cfg, overrides, *span, force=force, on_step=on_step,
                           on_notice=_notice, tracker=tracker)
+    if isinstance(result.error, KeyboardInterrupt | Interrupted):
+        _exiting_interrupted()  # before the summary: a further Ctrl-C must not cut it short
     if on_result is not None:  # e.g. tune: tag the final run with its study
         on_result(result)
     _summary(cfg, result)
@@ -729,6 +733,7 @@ def _reported(when_interrupted: str, verbose: bool):
     try:
         yield
     except (KeyboardInterrupt, Interrupted):
+        _exiting_interrupted()
         err.print(f"[yellow]interrupted[/]: {when_interrupted}")
         raise typer.Exit(130) from None
     except Exception as exc:  # noqa: BLE001 - reported in words
@@ -741,14 +746,23 @@ def _fail(exc: TrainpipeError, verbose: bool):
 
 def _exiting_interrupted() -> None:
     """The runs are ended and the program exits 130: a further Ctrl-C (often pressed twice)
-    must not land in the interpreter's exit, which would then die by the signal."""
+    must not land in the interpreter's exit, which would then die by the signal; SIGTERM
+    ends it at once. Only in the program's own process (not under a test's CliRunner)."""
+    import os
     import signal
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    if _program:
+        with contextlib.suppress(ValueError):  # not the main thread: leave them
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(130))
+
+
+_program = False  # set by main(): the signals are this command's to change
 
 
 def main() -> None:
+    global _program
+    _program = True
     try:
         app()
     except KeyboardInterrupt:

@@ -330,7 +330,7 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
     """Run the steps that must run, recorded through the tracker process. A step's outputs
     are published in the background while the next step works (the step after it takes
     them from memory): MLflow's run ids, which manifests name, arrive when they arrive."""
-    from trainpipe.tracker import PUBLISH_GRACE, WAIT_AFTER_INTERRUPT
+    from trainpipe.tracker import PUBLISH_GRACE, STOP_GRACE, WAIT_AFTER_INTERRUPT
 
     tracking = tracker.open(cfg)
     for step in steps:  # e.g. the plotting backend, imported while earlier steps run
@@ -372,8 +372,9 @@ def _run_tracked(cfg: DictConfig, overrides: list[str], catalog: Catalog, steps:
         # then the runs are ended within WAIT_AFTER_INTERRUPT, whatever hangs
         killed = status == "KILLED"
         if killed:
-            on_notice(f"interrupted: ending the runs KILLED (at most "
-                      f"{PUBLISH_GRACE + WAIT_AFTER_INTERRUPT:.0f} s; another Ctrl-C waits too)")
+            most = PUBLISH_GRACE + WAIT_AFTER_INTERRUPT + STOP_GRACE
+            on_notice(f"interrupted: ending the runs KILLED (at most {most:.0f} s; another "
+                      "Ctrl-C waits too)")
         with _uninterrupted():
             publisher.stop(PUBLISH_GRACE if killed else None)
             _settle(result, publisher, killed)

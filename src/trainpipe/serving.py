@@ -18,6 +18,7 @@ scoring_app.py) as a process supervised by trainpipe.supervise, until Ctrl-C or 
 """
 
 import json
+import math
 import os
 import shlex
 import sys
@@ -381,7 +382,7 @@ def _curl_example(model: Model, base: str) -> str:
     """A curl command scoring the first row of the model's input example."""
     payload = {"dataframe_split": _example_row(model)}
     return (f"curl -s {base}/invocations -H 'Content-Type: application/json' "
-            f"-d {shlex.quote(json.dumps(payload))}")
+            f"-d {shlex.quote(json.dumps(payload, allow_nan=False))}")
 
 
 def _example_row(model: Model) -> dict:
@@ -392,7 +393,8 @@ def _example_row(model: Model) -> dict:
             path = _download(model.version, "serving_input_example.json", tmp)
             split = json.loads(Path(path).read_text())["dataframe_split"]
         # MLflow writes a missing value as NaN, which strict JSON parsers reject: null
-        row = [None if isinstance(v, float) and v != v else v for v in split["data"][0]]
+        row = [None if isinstance(v, float) and not math.isfinite(v) else v
+               for v in split["data"][0]]
         return {"columns": split["columns"], "data": [row]}
     except Exception:  # noqa: BLE001 - a model without an example: its columns, values to fill
         from mlflow.models import Model as MlflowModel

@@ -39,10 +39,21 @@ from typing import Any
 from trainpipe.errors import TrainpipeError
 from trainpipe.warm import Forked, warm_fork
 
-# How long an interrupted run may take to end (marking runs KILLED on a server that no
-# longer answers must not hang us): outputs already computed may publish within the first
-# quarter, then the tracker has the rest to finish what it was given.
-INTERRUPT_WAIT = float(os.environ.get("TRAINPIPE_INTERRUPT_WAIT", "20"))
+
+def _seconds(name: str, default: float) -> float:
+    """A number of seconds from the environment; not a number (or negative): the default."""
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value >= 0 else default
+
+
+# How long an interrupted run waits before it ends (marking runs KILLED on a server that
+# no longer answers must not hang us): outputs already computed may publish within the
+# first quarter, then the tracker has the rest to finish what it was given; one that has
+# not is stopped (STOP_GRACE more if it does not unwind).
+INTERRUPT_WAIT = _seconds("TRAINPIPE_INTERRUPT_WAIT", 20.0)
 PUBLISH_GRACE = INTERRUPT_WAIT / 4
 WAIT_AFTER_INTERRUPT = INTERRUPT_WAIT - PUBLISH_GRACE
 STOP = signal.SIGUSR1  # "stop now": the tracker ignores SIGINT/SIGTERM, meant for the group

@@ -233,10 +233,8 @@ class Forked:
 def serve(where: Path, idle: float, ready: int) -> None:
     """Listen at `where` (then write to the fd `ready`), import what trackers need, fork
     one per request; exit after `idle` seconds with no request and no tracker alive."""
-    lock = open(where.with_suffix(".lock"), "a")  # noqa: SIM115 - held for life
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    lock = _locked(where.with_suffix(".lock"))  # held for life
+    if lock is None:
         os.write(ready, b"1")  # another warm tracker for this code is starting or serving
         return
     lock.truncate(0)
@@ -290,19 +288,38 @@ def serve(where: Path, idle: float, ready: int) -> None:
             if os.stat(where).st_ino == bound:  # not a newer warm tracker's
                 where.unlink()
         lock.truncate(0)  # its pid, once it has ended, could be another process's
-        _clear(where)
+        _clear(where, lock)
 
 
-def _clear(where: Path) -> None:
-    """Leave no files behind: an empty .log (nothing went wrong) and the .lock, removed while
-    it is still held, so no other warm tracker holds it. A warm tracker starting at this
-    moment may lock the removed file and serve beside a newer one: harmless, and it idles out."""
+def _locked(path: Path):
+    """`path` opened and locked, or None when another warm tracker holds it. A lock file
+    that an ending warm tracker removed between our open and our lock is opened again."""
+    for _ in range(3):
+        lock = open(path, "a")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            return None
+        with suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                return lock
+        lock.close()
+    return None
+
+
+def _clear(where: Path, lock) -> None:
+    """Leave no files behind: the .lock, removed while it is still held (a warm tracker
+    starting meanwhile finds it gone and makes a new one), and the .log if empty (nothing
+    went wrong). Only while the .lock is still ours: then so is the .log."""
+    path = where.with_suffix(".lock")
     with suppress(OSError):
+        if os.stat(path).st_ino != os.fstat(lock.fileno()).st_ino:
+            return
         log = where.with_suffix(".log")
         if log.stat().st_size == 0:
             log.unlink()
-    with suppress(OSError):
-        where.with_suffix(".lock").unlink()
+        path.unlink()
 
 
 def _import_everything() -> None:
