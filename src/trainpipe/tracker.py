@@ -227,7 +227,10 @@ class Tracker:
             self._pending.clear()
 
     def _lost_error(self, exc: BaseException) -> TrackerLost:
-        code = self.proc.poll()
+        try:  # a forked tracker's exit code comes from the warm tracker, a moment later
+            code = self.proc.wait(1)
+        except subprocess.TimeoutExpired:
+            code = None
         try:
             self.log.seek(0)
             tail = self.log.read()[-2000:].decode(errors="replace").strip()

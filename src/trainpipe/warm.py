@@ -358,14 +358,21 @@ def _fork(conn: socket.socket, close: list[int]) -> int | None:
                 break
             data += more
         request = pickle.loads(data) if len(data) == size and peer_uid == os.getuid() else None
+        if request is None:
+            why = f"{len(data)} of {size} bytes, from uid {peer_uid}"
         conn.setblocking(False)
         with suppress(BlockingIOError):
-            if conn.recv(1, socket.MSG_PEEK) == b"":
-                request = None  # withdrawn: the run ended before its tracker was forked
+            if conn.recv(1, socket.MSG_PEEK) == b"":  # withdrawn: the run ended before
+                request, why = None, ""  # its tracker was forked (up to date): nothing wrong
         conn.setblocking(True)
-    except (OSError, ValueError, struct.error, pickle.UnpicklingError):
-        request = None
-    if request is None or len(fds) != 2:
+    except (OSError, ValueError, struct.error, pickle.UnpicklingError) as exc:
+        request, why = None, repr(exc)
+    if request is not None and len(fds) != 2:
+        request, why = None, f"{len(fds)} file descriptors, not 2"
+    if request is None and why:  # said in the warm tracker's .log (kept when not empty)
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} a request was refused: {why}",
+              file=sys.stderr, flush=True)
+    if request is None:
         for fd in fds:
             os.close(fd)
         conn.close()
