@@ -769,10 +769,6 @@ def main() -> None:
         _exiting_interrupted()
         err.print("interrupted")
         sys.exit(130)
-    except SystemExit as exiting:
-        if exiting.code == 130:
-            _exiting_interrupted()
-        raise
     finally:
         # A run leaves millions of objects behind (MLflow, pandas, scikit-learn); freezing
         # them spares the collector's final pass over them at exit (about a second).

@@ -301,25 +301,31 @@ def _locked(path: Path):
         except OSError:
             lock.close()
             return None
-        with suppress(OSError):
-            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
-                return lock
+        if _is_at(path, lock):
+            return lock
         lock.close()
     return None
+
+
+def _is_at(path: Path, file) -> bool:
+    """Whether the open `file` is the one at `path` (not one removed, or replaced, since)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+    except OSError:
+        return False
 
 
 def _clear(where: Path, lock) -> None:
     """Leave no files behind: the .lock, removed while it is still held (a warm tracker
     starting meanwhile finds it gone and makes a new one), and the .log if empty (nothing
     went wrong). Only while the .lock is still ours: then so is the .log."""
-    path = where.with_suffix(".lock")
+    if not _is_at(where.with_suffix(".lock"), lock):
+        return
     with suppress(OSError):
-        if os.stat(path).st_ino != os.fstat(lock.fileno()).st_ino:
-            return
         log = where.with_suffix(".log")
         if log.stat().st_size == 0:
             log.unlink()
-        path.unlink()
+        where.with_suffix(".lock").unlink()
 
 
 def _import_everything() -> None:
@@ -343,35 +349,9 @@ def _import_everything() -> None:
 
 
 def _fork(conn: socket.socket, close: list[int]) -> int | None:
-    """Fork a tracker for the request on `conn`; its pid, None for a request withdrawn."""
-    conn.settimeout(5)
-    fds: list[int] = []
-    try:
-        peer_uid = struct.unpack("3i", conn.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
-        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 2)
-        (size,) = CODE.unpack(data[:CODE.size])
-        data = data[CODE.size:]
-        while len(data) < size:
-            more = conn.recv(1 << 20)
-            if not more:
-                break
-            data += more
-        request = pickle.loads(data) if len(data) == size and peer_uid == os.getuid() else None
-        if request is None:
-            why = f"{len(data)} of {size} bytes, from uid {peer_uid}"
-        conn.setblocking(False)
-        with suppress(BlockingIOError):
-            if conn.recv(1, socket.MSG_PEEK) == b"":  # withdrawn: the run ended before
-                request, why = None, ""  # its tracker was forked (up to date): nothing wrong
-        conn.setblocking(True)
-    except (OSError, ValueError, struct.error, pickle.UnpicklingError) as exc:
-        request, why = None, repr(exc)
-    if request is not None and len(fds) != 2:
-        request, why = None, f"{len(fds)} file descriptors, not 2"
-    if request is None and why:  # said in the warm tracker's .log (kept when not empty)
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} a request was refused: {why}",
-              file=sys.stderr, flush=True)
+    """Fork a tracker for the request on `conn`; its pid, None for a request withdrawn or
+    refused."""
+    request, fds = _request(conn)
     if request is None:
         for fd in fds:
             os.close(fd)
@@ -385,6 +365,36 @@ def _fork(conn: socket.socket, close: list[int]) -> int | None:
     with suppress(OSError):  # the run withdrew: its tracker finds the pipe closed and exits
         conn.sendall(CODE.pack(pid))
     return pid
+
+
+def _request(conn: socket.socket) -> tuple[dict | None, list[int]]:
+    """The run's request on `conn` and the two descriptors it sent (its pipe, its log).
+    None when withdrawn (the run ended before its tracker was forked: an up-to-date run,
+    nothing wrong) or refused, which the warm tracker's .log says (kept when not empty)."""
+    conn.settimeout(5)
+    fds: list[int] = []
+    try:
+        peer_uid = struct.unpack("3i", conn.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 2)
+        (size,) = CODE.unpack(data[:CODE.size])
+        data = data[CODE.size:]
+        while len(data) < size and (more := conn.recv(1 << 20)):
+            data += more
+        if len(data) != size or len(fds) != 2 or peer_uid != os.getuid():
+            raise ValueError(f"{len(data)} of {size} bytes, {len(fds)} descriptors, from "
+                             f"uid {peer_uid}")
+        request = pickle.loads(data)
+        conn.setblocking(False)
+        with suppress(BlockingIOError):
+            if conn.recv(1, socket.MSG_PEEK) == b"":
+                return None, fds  # withdrawn
+        conn.setblocking(True)
+        return request, fds
+    except (OSError, ValueError, struct.error, pickle.UnpicklingError) as exc:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} a request was refused: {exc!r}",
+              file=sys.stderr, flush=True)
+        return None, fds
 
 
 def _become_tracker(request: dict, fd: int, log_fd: int, close: list[int]) -> None:
